@@ -1,0 +1,275 @@
+"""Flax NNX decoder-only transformer for the Llama / Qwen2 / Qwen3 families.
+
+Two paths over the same weights:
+  * `model(input_ids_BxT, attention_mask_BxT=None)` -> float32 logits [B, T, V]: full-sequence
+    forward for training and scoring (left or right padding via the mask);
+  * `model.decode(tokens_BxT, cache)` -> (logits, cache): a cached forward over T new tokens per
+    row, written at the same cache slots for every row. T = prompt length is the prefill, T = 1 a
+    decode step, T = W a KAT window scored by the teacher in one chunk.
+
+Left padding is handled by the cache, not by the caller: `cache.start_B` is the first real slot of
+each row, so a token at slot s has position s - start_B[b] and attends to slots [start_B[b], s].
+
+Param layout: kernels are stored as (in, ..., out) with one logical axis name per dimension
+(`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`) in the `out_sharding` metadata, so
+`kat_jax.sharding` can place them on a mesh without touching this file.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kat_jax.models.config import ModelConfig, rope_inv_freq
+
+# Masked attention scores get this instead of -inf: a query with no visible key (a left-pad
+# position) then softmaxes to a harmless uniform row rather than NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _named(value, names):
+  # Logical axis names only: placement on a mesh is kat_jax.sharding's job (explicit rules at load
+  # or init time), so flax's eager sharding at construction is turned off.
+  assert value.ndim == len(names), (value.shape, names)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, std=0.02):
+  return _named(std * jax.random.normal(rngs.params(), shape, dtype), names)
+
+
+def _zeros(shape, names, dtype):
+  return _named(jnp.zeros(shape, dtype), names)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, axis_name: str | None, param_dtype, dtype):
+    self.scale = _named(jnp.ones((dim,), param_dtype), (axis_name,))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    # Normalise in fp32 whatever the compute dtype (as transformers does), then scale.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Per-layer K and V, each [B, kv_heads, S, head_dim], plus the slot bookkeeping.
+
+  One array per layer (not a stacked [L, ...] array): updating a stacked cache in place measured 3x
+  slower on XLA CPU. `end` is shared by all rows: every decode call writes the same slots.
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  start_B: jax.Array  # int32 [B]: first real slot of each row (= its number of left pads)
+  end: jax.Array  # int32 []: slots [0, end) are written
+
+  @property
+  def size(self) -> int:
+    return self.k[0].shape[2]
+
+
+def _rope(x_BxTxHxD, positions_BxT, inv_freq):
+  # Half-split rotation (rotate_half), the convention of HF Llama/Qwen checkpoints.
+  angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(angles_BxTxF)[:, :, None, :]
+  sin = jnp.sin(angles_BxTxF)[:, :, None, :]
+  x = x_BxTxHxD.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxD.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pdt, self.dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), pdt)
+    self.k_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pdt)
+    self.v_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), pdt)
+    self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), pdt)
+    if cfg.qkv_bias:
+      self.q_bias = _zeros((h, d), ("heads", "head_dim"), pdt)
+      self.k_bias = _zeros((k, d), ("kv_heads", "head_dim"), pdt)
+      self.v_bias = _zeros((k, d), ("kv_heads", "head_dim"), pdt)
+    if cfg.o_bias:
+      self.o_bias = _zeros((e,), ("embed",), pdt)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(d, cfg.rms_norm_eps, "head_dim", pdt, self.dtype)
+      self.k_norm = RMSNorm(d, cfg.rms_norm_eps, "head_dim", pdt, self.dtype)
+    self.cfg = cfg
+
+  def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, inv_freq, kv=None, end=None):
+    """Returns (out_BxTxE, (k, v)): the keys/values attended to, i.e. the updated cache."""
+    cfg, dt = self.cfg, self.dtype
+    x = x_BxTxE.astype(dt)
+    q_BxTxHxD = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
+    k_BxTxKxD = jnp.einsum("bte,ekd->btkd", x, self.k_proj[...].astype(dt))
+    v_BxTxKxD = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dt))
+    if cfg.qkv_bias:
+      q_BxTxHxD = q_BxTxHxD + self.q_bias[...].astype(dt)
+      k_BxTxKxD = k_BxTxKxD + self.k_bias[...].astype(dt)
+      v_BxTxKxD = v_BxTxKxD + self.v_bias[...].astype(dt)
+    if cfg.qk_norm:
+      q_BxTxHxD = self.q_norm(q_BxTxHxD)
+      k_BxTxKxD = self.k_norm(k_BxTxKxD)
+    q_BxTxHxD = _rope(q_BxTxHxD, positions_BxT, inv_freq)
+    k_BxTxKxD = _rope(k_BxTxKxD, positions_BxT, inv_freq)
+    k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
+    v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
+    if kv is None:
+      keys_BxKxSxD, values_BxKxSxD = k_BxKxTxD, v_BxKxTxD
+    else:
+      # In-place update of this layer's cache (the caller donates the buffers).
+      cache_k, cache_v = kv
+      idx = (0, 0, end, 0)
+      keys_BxKxSxD = jax.lax.dynamic_update_slice(cache_k, k_BxKxTxD.astype(cache_k.dtype), idx)
+      values_BxKxSxD = jax.lax.dynamic_update_slice(cache_v, v_BxKxTxD.astype(cache_v.dtype), idx)
+
+    b, t = x.shape[:2]
+    q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
+    # Scores and softmax in fp32 even when computing in bf16.
+    scores = jnp.einsum("btkgd,bksd->bkgts", q_BxTxKxGxD, keys_BxKxSxD.astype(dt),
+                        preferred_element_type=jnp.float32) * (cfg.head_dim ** -0.5)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out_BxTxKxGxD = jnp.einsum("bkgts,bksd->btkgd", probs, values_BxKxSxD.astype(dt))
+    out_BxTxHxD = out_BxTxKxGxD.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    out_BxTxE = jnp.einsum("bthd,hde->bte", out_BxTxHxD, self.o_proj[...].astype(dt))
+    if cfg.o_bias:
+      out_BxTxE = out_BxTxE + self.o_bias[...].astype(dt)
+    return out_BxTxE, (keys_BxKxSxD, values_BxKxSxD)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    e, m = cfg.hidden_size, cfg.intermediate_size
+    pdt, self.dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), pdt)
+    self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), pdt)
+    self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), pdt)
+
+  def __call__(self, x_BxTxE):
+    dt = self.dtype
+    gate_BxTxM = jnp.einsum("bte,em->btm", x_BxTxE, self.gate_proj[...].astype(dt))
+    up_BxTxM = jnp.einsum("bte,em->btm", x_BxTxE, self.up_proj[...].astype(dt))
+    return jnp.einsum("btm,me->bte", jax.nn.silu(gate_BxTxM) * up_BxTxM,
+                      self.down_proj[...].astype(dt))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pdt, dt)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pdt, dt)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, inv_freq, kv=None, end=None):
+    h, kv = self.attn(self.attn_norm(x_BxTxE), positions_BxT, mask_BxTxS, inv_freq, kv, end)
+    x_BxTxE = x_BxTxE + h
+    return x_BxTxE + self.mlp(self.mlp_norm(x_BxTxE)), kv
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. Build with `Transformer(cfg, rngs=nnx.Rngs(0))` or load with `kat_jax.hf`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pdt, dt)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt)
+
+  # ------------------------------------------------------------------------------- pieces
+
+  def _inv_freq(self):
+    # A numpy constant folded into the graph: [head_dim / 2] floats, tiny.
+    return jnp.asarray(rope_inv_freq(self.cfg), jnp.float32)
+
+  def embed_tokens(self, tokens_BxT):
+    return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.dtype)
+
+  def logits(self, x_BxTxE):
+    """Final norm + LM head; float32 logits over the model's (possibly padded) vocabulary."""
+    x = self.final_norm(x_BxTxE)
+    dt = jnp.dtype(self.cfg.dtype)
+    if self.cfg.tie_embeddings:
+      return jnp.einsum("bte,ve->btv", x, self.embed[...].astype(dt),
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("bte,ev->btv", x, self.lm_head[...].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  # ----------------------------------------------------------------------- full sequence
+
+  def hidden(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None):
+    """Last hidden states [B, T, E] (before the final norm) of a full-sequence forward."""
+    b, t = input_ids_BxT.shape
+    if attention_mask_BxT is None:
+      attention_mask_BxT = jnp.ones((b, t), jnp.bool_)
+    attention_mask_BxT = attention_mask_BxT.astype(jnp.bool_)
+    if positions_BxT is None:
+      # Real tokens are numbered 0, 1, ... whatever padding precedes them.
+      positions_BxT = jnp.maximum(jnp.cumsum(attention_mask_BxT, axis=1) - 1, 0)
+    causal_TxT = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    mask_BxTxT = causal_TxT[None] & attention_mask_BxT[:, None, :]
+    inv_freq = self._inv_freq()
+    x = self.embed_tokens(input_ids_BxT)
+    for layer in self.layers:
+      x, _ = layer(x, positions_BxT, mask_BxTxT, inv_freq)
+    return x
+
+  def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None):
+    return self.logits(self.hidden(input_ids_BxT, attention_mask_BxT, positions_BxT))
+
+  # ------------------------------------------------------------------------------ cached
+
+  def init_cache(self, batch_size: int, max_len: int, start_B=None, dtype=None) -> KVCache:
+    """An empty cache of `max_len` slots. `start_B`: left-pad count per row of the prompt."""
+    cfg = self.cfg
+    shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    # Distinct buffers per layer and for k / v: donation needs them not to alias.
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    if start_B is None:
+      start_B = jnp.zeros((batch_size,), jnp.int32)
+    return KVCache(k=k, v=v, start_B=jnp.asarray(start_B, jnp.int32),
+                   end=jnp.zeros((), jnp.int32))
+
+  def decode_hidden(self, tokens_BxT, cache: KVCache):
+    """Runs T new tokens per row at slots [end, end + T); returns (hidden [B, T, E], cache).
+
+    The caller guarantees end + T <= cache.size (dynamic_update_slice would clamp silently).
+    """
+    b, t = tokens_BxT.shape
+    slots_T = cache.end + jnp.arange(t, dtype=jnp.int32)
+    positions_BxT = jnp.maximum(slots_T[None, :] - cache.start_B[:, None], 0)
+    keys_S = jnp.arange(cache.size, dtype=jnp.int32)
+    mask_BxTxS = ((keys_S[None, None, :] >= cache.start_B[:, None, None])
+                  & (keys_S[None, None, :] <= slots_T[None, :, None]))
+    inv_freq = self._inv_freq()
+    x = self.embed_tokens(tokens_BxT)
+    new_k, new_v = [], []
+    for layer, k, v in zip(self.layers, cache.k, cache.v):
+      x, (k, v) = layer(x, positions_BxT, mask_BxTxS, inv_freq, (k, v), cache.end)
+      new_k.append(k)
+      new_v.append(v)
+    cache = cache.replace(k=tuple(new_k), v=tuple(new_v), end=cache.end + t)
+    return x, cache
+
+  def decode(self, tokens_BxT, cache: KVCache):
+    """Cached forward: (float32 logits [B, T, V], updated cache)."""
+    x, cache = self.decode_hidden(tokens_BxT, cache)
+    return self.logits(x), cache

@@ -1,0 +1,72 @@
+"""Device mesh and logical-axis rules: how named model dimensions map onto mesh axes.
+
+Model params carry logical names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`) in their
+`out_sharding` metadata; a rule table maps each name to a mesh axis (or None = replicated). A
+dimension whose size the mesh axis does not divide is replicated instead, so one rule table serves
+every model size (e.g. 2 kv heads on a 4-way tensor axis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# FSDP over the embedding dimension, tensor parallelism over heads / MLP / vocabulary.
+DEFAULT_RULES: Mapping[str, str | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+}
+
+
+def make_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES,
+              devices=None) -> Mesh:
+  """A mesh of `shape` (e.g. (2, 2, 2) for data, fsdp, tensor) over the given or all devices."""
+  devices = jax.devices() if devices is None else devices
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, but "
+                     f"{len(devices)} are available; make the product of the shape equal it.")
+  return Mesh(np.asarray(devices).reshape(tuple(shape)), tuple(axis_names))
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping[str, object] = DEFAULT_RULES) -> PartitionSpec:
+  """PartitionSpec for an array with logical dimension `names` and `shape` on `mesh`."""
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(names, shape):
+    axes = rules.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    # Keep the mesh axes that exist, are not used by another dimension, and divide the size.
+    kept = []
+    for axis in axes:
+      if axis in mesh.shape and axis not in used and mesh.shape[axis] > 1:
+        if size % (int(np.prod([mesh.shape[a] for a in kept])) * mesh.shape[axis]) == 0:
+          kept.append(axis)
+    used.update(kept)
+    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return PartitionSpec(*spec)
+
+
+def named_sharding(names, shape, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def param_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for an NNX param state (abstract or concrete), from its logical names."""
+  from flax import nnx  # local: keeps this module importable without flax for launch scripts
+
+  def one(variable):
+    names = variable.get_metadata().get("out_sharding") or (None,) * variable.value.ndim
+    return named_sharding(names, variable.value.shape, mesh, rules)
+
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

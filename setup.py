@@ -1,0 +1,50 @@
+"""kat_jax: on-policy distillation with KL Agreement Trap Termination (KAT), in JAX / Flax NNX.
+
+Install (CPU):            pip install -e .
+Tests (CPU):              pip install -e ".[test]"   (torch==2.13.0 is the local CPU wheel)
+TPU VM:                   pip install -e . "jax[tpu]==0.10.2"
+NVIDIA GPU (CUDA 12):     pip install -e . "jax[cuda12]==0.10.2"
+"""
+
+from setuptools import find_packages, setup
+
+# Versions that resolve and install together (checked on CPython 3.11, 2026-11).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "safetensors==0.8.0",
+    "tokenizers==0.23.3",
+    "numpy==2.4.6",
+    "absl-py>=2.1",
+]
+
+EXTRAS = {
+    # torch and transformers are reference implementations for parity tests and HF export checks,
+    # never runtime dependencies. torch==2.13.0 resolves to a local CPU wheel on the dev machines;
+    # any other spec pulls multi-GB CUDA builds.
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "hypothesis>=6.100",
+        "torch==2.13.0",
+        "transformers==5.24.0",
+    ],
+    "tpu": ["jax[tpu]==0.10.2"],
+    "cuda12": ["jax[cuda12]==0.10.2"],
+}
+
+setup(
+    name="kat_jax",
+    version="0.1.0",
+    description="On-policy distillation with KL Agreement Trap Termination in JAX/Flax",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["kat_jax", "kat_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
