@@ -258,7 +258,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.M
   values = {}
   for our_path, (hf_name, kind) in table.items():
     var = flat[our_path]
-    shape = tuple(var.value.shape)
+    shape = tuple(var.get_value().shape)
     info = infos[hf_name]
     if info.shape != _hf_shape(kind, shape):
       raise CheckpointError(
@@ -287,7 +287,7 @@ def _model_tensors(model: Transformer, config: ModelConfig, dtype) -> Iterator[t
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   for our_path, (hf_name, kind) in _param_map(config).items():
     # device_get gathers a sharded array to host (single-process; multi-host gathers first).
-    x = np.asarray(jax.device_get(flat[our_path].value))
+    x = np.asarray(jax.device_get(flat[our_path].get_value()))
     yield hf_name, _to_hf(kind, x).astype(dtype)
 
 

@@ -66,7 +66,8 @@ def param_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
   from flax import nnx  # local: keeps this module importable without flax for launch scripts
 
   def one(variable):
-    names = variable.get_metadata().get("out_sharding") or (None,) * variable.value.ndim
-    return named_sharding(names, variable.value.shape, mesh, rules)
+    shape = variable.get_value().shape
+    names = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
+    return named_sharding(names, shape, mesh, rules)
 
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

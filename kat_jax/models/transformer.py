@@ -55,7 +55,8 @@ class RMSNorm(nnx.Module):
     # Normalise in fp32 whatever the compute dtype (as transformers does), then scale.
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale[...].astype(self.dtype) * x32.astype(self.dtype)
+    scale = self.scale[...].astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+    return scale * x32.astype(self.dtype)
 
 
 @flax.struct.dataclass
@@ -77,7 +78,7 @@ class KVCache:
 
 def _rope(x_BxTxHxD, positions_BxT, inv_freq):
   # Half-split rotation (rotate_half), the convention of HF Llama/Qwen checkpoints.
-  angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   cos = jnp.cos(angles_BxTxF)[:, :, None, :]
   sin = jnp.sin(angles_BxTxF)[:, :, None, :]
   x = x_BxTxHxD.astype(jnp.float32)
@@ -114,9 +115,9 @@ class Attention(nnx.Module):
     k_BxTxKxD = jnp.einsum("bte,ekd->btkd", x, self.k_proj[...].astype(dt))
     v_BxTxKxD = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dt))
     if cfg.qkv_bias:
-      q_BxTxHxD = q_BxTxHxD + self.q_bias[...].astype(dt)
-      k_BxTxKxD = k_BxTxKxD + self.k_bias[...].astype(dt)
-      v_BxTxKxD = v_BxTxKxD + self.v_bias[...].astype(dt)
+      q_BxTxHxD = q_BxTxHxD + self.q_bias[...].astype(dt)[None, None]
+      k_BxTxKxD = k_BxTxKxD + self.k_bias[...].astype(dt)[None, None]
+      v_BxTxKxD = v_BxTxKxD + self.v_bias[...].astype(dt)[None, None]
     if cfg.qk_norm:
       q_BxTxHxD = self.q_norm(q_BxTxHxD)
       k_BxTxKxD = self.k_norm(k_BxTxKxD)
@@ -144,7 +145,7 @@ class Attention(nnx.Module):
     out_BxTxHxD = out_BxTxKxGxD.reshape(b, t, cfg.num_heads, cfg.head_dim)
     out_BxTxE = jnp.einsum("bthd,hde->bte", out_BxTxHxD, self.o_proj[...].astype(dt))
     if cfg.o_bias:
-      out_BxTxE = out_BxTxE + self.o_bias[...].astype(dt)
+      out_BxTxE = out_BxTxE + self.o_bias[...].astype(dt)[None, None]
     return out_BxTxE, (keys_BxKxSxD, values_BxKxSxD)
 
 

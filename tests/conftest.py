@@ -1,0 +1,12 @@
+"""Shared test setup: 8 fake CPU devices (sharding tests), no hub access, strict rank promotion."""
+
+import os
+
+# Must happen before jax is imported anywhere: tests on meshes need several devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
