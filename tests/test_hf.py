@@ -301,3 +301,16 @@ def test_check_compatible_rejects_other_eos(tmp_path):
   (tmp_path / "teacher" / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(hf.CheckpointError, match=r"EOS ids differ: student \[2\] vs teacher"):
     hf.check_compatible(tmp_path / "student", tmp_path / "teacher")
+
+
+def test_bf16_params_and_compute(case, forward):
+  """The accelerator default: bf16 params and activations, fp32 softmax / norms / logits."""
+  path, torch_model, _, _ = case
+  model, cfg = hf.load(path, dtype="bfloat16")
+  assert (cfg.param_dtype, cfg.dtype) == ("bfloat16", "bfloat16")
+  assert model.layers[0].mlp.up_proj[...].dtype == jnp.bfloat16
+  ids, mask = _batch()
+  out = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask)))
+  assert out.dtype == np.float32
+  # bf16 has an 8-bit mantissa: a few percent of the logit range, nowhere near fp32 parity.
+  assert _rel_err(out, torch_logits(torch_model, ids, mask), mask.astype(bool)) <= 5e-2
