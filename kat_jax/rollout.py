@@ -1,0 +1,388 @@
+"""The fused on-policy rollout: student sampling, teacher scoring, per-token KL and KAT in one loop.
+
+One `lax.while_loop` iteration handles one KAT window of W tokens for the whole batch:
+  1. the student samples W tokens, one cached decode step each (a `lax.scan`);
+  2. the teacher scores the W tokens in ONE cached chunk forward -- a prefill-like, matmul-bound
+     call instead of W memory-bound single steps (measured ~3x faster than a per-token teacher);
+  3. per token, in fp32 over the shared vocabulary: log p_s(y), log p_t(y), log p_behavior(y) (the
+     tempered / truncated sampling distribution, for importance weights) and the exact
+     KL(p_s || p_t) -- reduced to [B] scalars at once: no [B, T, V] buffer ever exists;
+  4. the KAT window test (`kat.window_update`) stops trapped rows.
+A row stops on any EOS id, at `max_new_tokens`, or by KAT; the loop exits when every row has.
+
+Rows that stop early must stop costing compute. Besides the loop exit, the host driver *compacts*
+the batch: the loop also exits once the live rows fit a smaller batch bucket (multiples of B/8), the
+live rows are gathered into that smaller batch (a separately compiled, cheaper loop), and the
+finished rows' outputs are parked in a result buffer. Sampling keys are derived per row from
+(key, token index, original row id), so compaction and sharding never change a sample.
+
+Distribution alignment: the logits that predict window token i come from the previous token, so the
+state carries each model's next-token logits [B, V] across windows (`s_next`, `t_next`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kat_jax import kat as kat_lib
+from kat_jax.models import KVCache, Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  temperature: float = 1.0  # 0 = greedy
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1 = off
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"sampling: temperature={self.temperature} must be >= 0, top_k="
+                       f"{self.top_k} >= 0 and top_p={self.top_p} in (0, 1].")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  max_new_tokens: int
+  eos_ids: tuple[int, ...]
+  pad_id: int
+  vocab_size: int  # shared tokenizer vocabulary: both models' logits are sliced to it
+  sampling: SamplingConfig = SamplingConfig()
+  kat: kat_lib.KATConfig = kat_lib.KATConfig()
+  # Recompute the student's window distributions with one chunk forward instead of keeping the W
+  # sampling-step logits ([B, W, V] floats): costs a student chunk forward, saves that memory.
+  rescore_student: bool = False
+  # Batch compaction granularity in rows (0: B / 8, at least 1); -1 disables compaction.
+  compact_multiple: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
+    if not self.eos_ids:
+      raise ValueError("eos_ids is empty: give at least one end-of-sequence token id.")
+
+  @property
+  def window(self) -> int:
+    return self.kat.window
+
+  @property
+  def buffer_len(self) -> int:
+    """Per-token buffer length: max_new_tokens rounded up to whole windows."""
+    return -(-self.max_new_tokens // self.window) * self.window
+
+
+@flax.struct.dataclass
+class RolloutState:
+  """Everything the decode loop carries; donated to each loop call so buffers are reused."""
+  tokens_BxT: jax.Array
+  logp_student_BxT: jax.Array
+  logp_teacher_BxT: jax.Array
+  logp_behavior_BxT: jax.Array
+  kl_BxT: jax.Array
+  window_mean_BxN: jax.Array  # per-window mean of the KAT signal (adaptive threshold input)
+  window_complete_BxN: jax.Array
+  s_cache: KVCache
+  t_cache: KVCache
+  s_next_BxV: jax.Array
+  t_next_BxV: jax.Array
+  length_B: jax.Array
+  eos_B: jax.Array
+  done_B: jax.Array
+  kat: kat_lib.KATState
+  row_id_B: jax.Array  # original row index (compaction reorders rows)
+  step: jax.Array  # tokens generated so far (a multiple of W)
+  key: jax.Array
+  tau: jax.Array
+  spike_tau: jax.Array
+
+
+@flax.struct.dataclass
+class RolloutResult:
+  """Per-row outputs in the original row order; per-token arrays are [B, buffer_len]."""
+  tokens_BxT: jax.Array  # generated tokens, pad after each row's length
+  length_B: jax.Array  # generated tokens (EOS included)
+  eos_B: jax.Array  # ended by EOS
+  logp_student_BxT: jax.Array  # log p_student(y_t), temperature 1, shared vocab
+  logp_teacher_BxT: jax.Array
+  logp_behavior_BxT: jax.Array  # log-prob under the actual sampling distribution
+  kl_BxT: jax.Array  # full-vocabulary KL(p_student || p_teacher) at each position
+  terminated_B: jax.Array  # stopped by KAT (or truncated in the fixed / random ablations)
+  detect_B: jax.Array
+  onset_B: jax.Array
+  trained_len_B: jax.Array  # the loss keeps tokens [0, trained_len)
+  loss_mask_BxT: jax.Array
+  window_mean_BxN: jax.Array
+  window_complete_BxN: jax.Array
+
+  @property
+  def logratio_BxT(self):
+    return self.logp_student_BxT - self.logp_teacher_BxT
+
+
+# --------------------------------------------------------------------------------- sampling
+
+
+def sample(logits_BxV, keys_B, cfg: SamplingConfig):
+  """Samples one token per row with its own key; returns (tokens_B, log p_behavior(token)_B)."""
+  if cfg.temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), jnp.zeros(logits_BxV.shape[:1])
+  x = logits_BxV.astype(jnp.float32) / cfg.temperature
+  if cfg.top_k:
+    kth_Bx1 = jax.lax.top_k(x, cfg.top_k)[0][:, -1:]
+    x = jnp.where(x < kth_Bx1, -jnp.inf, x)
+  if cfg.top_p < 1:
+    # Keep the smallest set of tokens whose probability reaches top_p (ties at the edge kept).
+    sorted_BxV = jnp.sort(x, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(mass_before < cfg.top_p, axis=-1, keepdims=True)
+    threshold_Bx1 = jnp.take_along_axis(sorted_BxV, kept - 1, axis=-1)
+    x = jnp.where(x < threshold_Bx1, -jnp.inf, x)
+  tokens_B = jax.vmap(jax.random.categorical)(keys_B, x).astype(jnp.int32)
+  logp_B = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tokens_B[:, None], axis=-1)[:, 0]
+  return tokens_B, logp_B
+
+
+def bucket_length(n: int, minimum: int = 8) -> int:
+  """Next power of two >= n: prompt batches within a bucket share one compiled rollout."""
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int, length: int | None = None):
+  """Left-pads token lists to a bucketed length; returns (prompt_BxP int32, start_B int32)."""
+  longest = max(len(p) for p in prompts)
+  if min(len(p) for p in prompts) == 0:
+    raise ValueError("an empty prompt cannot be rolled out: every prompt needs >= 1 token.")
+  length = length or bucket_length(longest)
+  if longest > length:
+    raise ValueError(f"a prompt has {longest} tokens, more than the prompt length {length}.")
+  out = np.full((len(prompts), length), pad_id, np.int32)
+  start = np.zeros(len(prompts), np.int32)
+  for i, p in enumerate(prompts):
+    out[i, length - len(p):] = p
+    start[i] = length - len(p)
+  return out, start
+
+
+# ------------------------------------------------------------------------------ jitted parts
+
+
+def _last_logits(model: Transformer, tokens_BxP, cache: KVCache, vocab: int):
+  # Prefill: only the last position's logits are needed, so the [B, P, V] projection is skipped.
+  h, cache = model.decode_hidden(tokens_BxP, cache)
+  return model.logits(h[:, -1:])[:, 0, :vocab], cache
+
+
+@functools.partial(jax.jit, static_argnames=("s_graph", "t_graph", "cfg"))
+def _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP, start_B, key, tau, spike_tau, *,
+             cfg: RolloutConfig) -> RolloutState:
+  student, teacher = nnx.merge(s_graph, s_params), nnx.merge(t_graph, t_params)
+  b, p = prompt_BxP.shape
+  t = cfg.buffer_len
+  s_cache = student.init_cache(b, p + t, start_B)
+  t_cache = teacher.init_cache(b, p + t, start_B)
+  s_next, s_cache = _last_logits(student, prompt_BxP, s_cache, cfg.vocab_size)
+  t_next, t_cache = _last_logits(teacher, prompt_BxP, t_cache, cfg.vocab_size)
+  f32 = lambda: jnp.zeros((b, t), jnp.float32)  # noqa: E731
+  n_windows = t // cfg.window
+  return RolloutState(
+      tokens_BxT=jnp.full((b, t), cfg.pad_id, jnp.int32),
+      logp_student_BxT=f32(), logp_teacher_BxT=f32(), logp_behavior_BxT=f32(), kl_BxT=f32(),
+      window_mean_BxN=jnp.zeros((b, n_windows), jnp.float32),
+      window_complete_BxN=jnp.zeros((b, n_windows), jnp.bool_),
+      s_cache=s_cache, t_cache=t_cache, s_next_BxV=s_next, t_next_BxV=t_next,
+      length_B=jnp.zeros((b,), jnp.int32), eos_B=jnp.zeros((b,), jnp.bool_),
+      done_B=jnp.zeros((b,), jnp.bool_), kat=kat_lib.init_state(b),
+      row_id_B=jnp.arange(b, dtype=jnp.int32), step=jnp.zeros((), jnp.int32), key=key,
+      tau=jnp.asarray(tau, jnp.float32), spike_tau=jnp.asarray(spike_tau, jnp.float32))
+
+
+def _window(student: Transformer, teacher: Transformer, state: RolloutState,
+            cfg: RolloutConfig) -> RolloutState:
+  """One loop iteration: W student samples, one teacher chunk, per-token signals, KAT."""
+  w, v = cfg.window, cfg.vocab_size
+  start = state.step
+  eos_ids = jnp.asarray(cfg.eos_ids, jnp.int32)
+
+  def sample_step(carry, i):
+    s_next_BxV, cache, length_B, eos_B, done_B = carry
+    t = start + i
+    step_key = jax.random.fold_in(state.key, t)
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(step_key, state.row_id_B)
+    tok_B, logp_b_B = sample(s_next_BxV, keys_B, cfg.sampling)
+    tok_B = jnp.where(done_B, cfg.pad_id, tok_B)
+    logits_Bx1xV, cache = student.decode(tok_B[:, None], cache)
+    hit_eos = ~done_B & jnp.any(tok_B[:, None] == eos_ids[None, :], axis=-1)
+    length_B = length_B + (~done_B).astype(jnp.int32)
+    done_B = done_B | hit_eos | (t + 1 >= cfg.max_new_tokens)
+    kept = None if cfg.rescore_student else s_next_BxV
+    return (logits_Bx1xV[:, 0, :v], cache, length_B, eos_B | hit_eos, done_B), (
+        tok_B, logp_b_B, kept)
+
+  carry = (state.s_next_BxV, state.s_cache, state.length_B, state.eos_B, state.done_B)
+  (s_next, s_cache, length_B, eos_B, done_B), (tok_WxB, logp_b_WxB, s_dist_WxBxV) = jax.lax.scan(
+      sample_step, carry, jnp.arange(w, dtype=jnp.int32))
+  tokens_BxW = tok_WxB.T
+
+  # Teacher: one chunk forward over the window. Its predictions for tokens 2..W come from this
+  # chunk; the one for token 1 was carried from the previous window (or the prefill).
+  t_logits_BxWxV, t_cache = teacher.decode(tokens_BxW, state.t_cache)
+  t_logits_BxWxV = t_logits_BxWxV[..., :v]
+  t_dist_BxWxV = jnp.concatenate([state.t_next_BxV[:, None], t_logits_BxWxV[:, :-1]], axis=1)
+  if cfg.rescore_student:
+    # Rewrites the same K/V slots with the same values; only the logits are wanted.
+    s_logits_BxWxV, s_cache = student.decode(tokens_BxW, s_cache.replace(end=s_cache.end - w))
+    s_dist_BxWxV = jnp.concatenate([state.s_next_BxV[:, None], s_logits_BxWxV[:, :-1, :v]], 1)
+  else:
+    s_dist_BxWxV = s_dist_WxBxV.transpose(1, 0, 2)
+
+  s_logp = jax.nn.log_softmax(s_dist_BxWxV.astype(jnp.float32), axis=-1)
+  t_logp = jax.nn.log_softmax(t_dist_BxWxV.astype(jnp.float32), axis=-1)
+  valid_BxW = (start + jnp.arange(w))[None, :] < length_B[:, None]
+  pick = lambda lp: jnp.take_along_axis(lp, tokens_BxW[..., None], axis=-1)[..., 0]  # noqa: E731
+  zero = lambda x: jnp.where(valid_BxW, x, 0.0)  # noqa: E731
+  lp_s, lp_t = zero(pick(s_logp)), zero(pick(t_logp))
+  kl_BxW = zero(jnp.sum(jnp.exp(s_logp) * (s_logp - t_logp), axis=-1))
+  signal_BxW = kl_BxW if cfg.kat.signal == "kl" else lp_s - lp_t
+
+  kat_state, fire_B = kat_lib.window_update(state.kat, signal_BxW, length_B, eos_B, start,
+                                            state.tau, state.spike_tau, cfg.kat)
+  write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, start))  # noqa
+  win = start // w
+  return state.replace(
+      tokens_BxT=write(state.tokens_BxT, tokens_BxW),
+      logp_student_BxT=write(state.logp_student_BxT, lp_s),
+      logp_teacher_BxT=write(state.logp_teacher_BxT, lp_t),
+      logp_behavior_BxT=write(state.logp_behavior_BxT, zero(logp_b_WxB.T)),
+      kl_BxT=write(state.kl_BxT, kl_BxW),
+      window_mean_BxN=write(state.window_mean_BxN, (jnp.sum(signal_BxW, -1) / w)[:, None]),
+      window_complete_BxN=write(state.window_complete_BxN,
+                                ((length_B >= start + w) & ~eos_B)[:, None]),
+      s_cache=s_cache, t_cache=t_cache, s_next_BxV=s_next,
+      t_next_BxV=t_logits_BxWxV[:, -1],
+      length_B=length_B, eos_B=eos_B, done_B=done_B | fire_B, kat=kat_state, step=start + w)
+
+
+@functools.partial(jax.jit, static_argnames=("s_graph", "t_graph", "cfg"), donate_argnames=("state",))
+def _decode_loop(s_graph, s_params, t_graph, t_params, state: RolloutState, min_live, *,
+                 cfg: RolloutConfig) -> RolloutState:
+  """Runs windows until every row is done, or until at most `min_live` rows are live."""
+  student, teacher = nnx.merge(s_graph, s_params), nnx.merge(t_graph, t_params)
+
+  def cond(state):
+    live = jnp.sum(~state.done_B)
+    return (state.step < cfg.buffer_len) & (live > 0) & (live > min_live)
+
+  return jax.lax.while_loop(cond, lambda s: _window(student, teacher, s, cfg), state)
+
+
+_ROW_FIELDS = ("tokens_BxT", "logp_student_BxT", "logp_teacher_BxT", "logp_behavior_BxT",
+               "kl_BxT", "window_mean_BxN", "window_complete_BxN", "length_B", "eos_B")
+
+
+@jax.jit
+def _take_rows(state: RolloutState, idx_N) -> RolloutState:
+  """The rows `idx_N` of every per-row array in the state (caches included)."""
+  def take(x):
+    return jnp.take(x, idx_N, axis=0) if x.ndim >= 1 else x
+  rows = jax.tree.map(take, state.replace(s_cache=None, t_cache=None, step=None, key=None,
+                                          tau=None, spike_tau=None))
+  def take_cache(c: KVCache):
+    return c.replace(k=tuple(take(k) for k in c.k), v=tuple(take(v) for v in c.v),
+                     start_B=take(c.start_B))
+  return rows.replace(s_cache=take_cache(state.s_cache), t_cache=take_cache(state.t_cache),
+                      step=state.step, key=state.key, tau=state.tau, spike_tau=state.spike_tau)
+
+
+@functools.partial(jax.jit, donate_argnames=("parked",))
+def _park_rows(parked: dict, state: RolloutState) -> dict:
+  """Writes the state's rows into the full-batch result buffers at their original row ids."""
+  out = {f: parked[f].at[state.row_id_B].set(getattr(state, f)) for f in _ROW_FIELDS}
+  out["kat"] = jax.tree.map(lambda p, x: p.at[state.row_id_B].set(x), parked["kat"], state.kat)
+  return out
+
+
+def _compaction_sizes(batch: int, multiple: int) -> list[int]:
+  if multiple < 0:
+    return [batch]
+  multiple = multiple or max(1, batch // 8)
+  return sorted({batch} | set(range(multiple, batch, multiple)), reverse=True)
+
+
+def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key,
+            cfg: RolloutConfig, *, tau=0.0, spike_tau=float("inf"), batch_multiple: int = 1
+            ) -> RolloutResult:
+  """Samples from `student`, scores with `teacher`, applies KAT; see the module docstring.
+
+  prompt_BxP: left-padded int32 prompts (see `pad_prompts`); start_B: left-pad count per row.
+  tau, spike_tau: KAT thresholds (traced: new values never recompile).
+  batch_multiple: compacted batch sizes stay multiples of this (the number of batch shards).
+  """
+  s_graph, s_params = nnx.split(student)
+  t_graph, t_params = nnx.split(teacher)
+  prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
+  b = prompt_BxP.shape[0]
+  state = _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP,
+                   jnp.asarray(start_B, jnp.int32), key, tau, spike_tau, cfg=cfg)
+  multiple = cfg.compact_multiple
+  if multiple >= 0:
+    multiple = max(multiple or b // 8, 1)
+    multiple = -(-multiple // batch_multiple) * batch_multiple
+  sizes = _compaction_sizes(b, multiple)
+  parked = None
+  while True:
+    size = state.done_B.shape[0]
+    smaller = [s for s in sizes if s < size]
+    min_live = smaller[0] if smaller else 0
+    state = _decode_loop(s_graph, s_params, t_graph, t_params, state, jnp.int32(min_live),
+                         cfg=cfg)
+    done = np.asarray(state.done_B)
+    live = int((~done).sum())
+    if live == 0 or int(state.step) >= cfg.buffer_len:
+      break
+    # Park everything (finished rows are final; live rows get overwritten later), then continue
+    # with the live rows in the smallest bucket that holds them, padded with finished rows.
+    if parked is None:
+      full = lambda x: jnp.zeros((b,) + x.shape[1:], x.dtype)  # noqa: E731
+      parked = {f: full(getattr(state, f)) for f in _ROW_FIELDS}
+      parked["kat"] = jax.tree.map(full, state.kat)
+    parked = _park_rows(parked, state)
+    new_size = min(s for s in sizes if s >= live)
+    order = np.concatenate([np.flatnonzero(~done), np.flatnonzero(done)])[:new_size]
+    state = _take_rows(state, jnp.asarray(order, jnp.int32))
+  if parked is not None:
+    parked = _park_rows(parked, state)
+    rows = {f: parked[f] for f in _ROW_FIELDS}
+    kat_state = parked["kat"]
+  else:
+    rows = {f: getattr(state, f) for f in _ROW_FIELDS}
+    kat_state = state.kat
+  return _finalize(rows, kat_state, cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _finalize(rows: dict, kat_state: kat_lib.KATState, *, cfg: RolloutConfig) -> RolloutResult:
+  trained = kat_lib.trained_length(kat_state, rows["length_B"], cfg.kat)
+  t = rows["tokens_BxT"].shape[1]
+  return RolloutResult(
+      tokens_BxT=rows["tokens_BxT"], length_B=rows["length_B"], eos_B=rows["eos_B"],
+      logp_student_BxT=rows["logp_student_BxT"], logp_teacher_BxT=rows["logp_teacher_BxT"],
+      logp_behavior_BxT=rows["logp_behavior_BxT"], kl_BxT=rows["kl_BxT"],
+      terminated_B=kat_state.terminated_B, detect_B=kat_state.detect_B,
+      onset_B=kat_state.onset_B, trained_len_B=trained,
+      loss_mask_BxT=jnp.arange(t)[None, :] < trained[:, None],
+      window_mean_BxN=rows["window_mean_BxN"], window_complete_BxN=rows["window_complete_BxN"])
+
+
+def apply_random_truncation(result: RolloutResult, key, target_lengths_N) -> RolloutResult:
+  """The random-truncation ablation: cut the loss of uncut rollouts at matched random lengths."""
+  trained, cut = kat_lib.random_truncation(key, result.length_B, jnp.asarray(target_lengths_N))
+  t = result.tokens_BxT.shape[1]
+  return result.replace(trained_len_B=trained, terminated_B=cut,
+                        loss_mask_BxT=jnp.arange(t)[None, :] < trained[:, None])
