@@ -253,7 +253,9 @@ def _window(student: Transformer, teacher: Transformer, state: RolloutState,
 
   kat_state, fire_B = kat_lib.window_update(state.kat, signal_BxW, length_B, eos_B, start,
                                             state.tau, state.spike_tau, cfg.kat)
-  write = lambda buf, x: jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, start))  # noqa
+  def write(buf, x, col=start):
+    return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, col))
+
   win = start // w
   return state.replace(
       tokens_BxT=write(state.tokens_BxT, tokens_BxW),
@@ -261,9 +263,9 @@ def _window(student: Transformer, teacher: Transformer, state: RolloutState,
       logp_teacher_BxT=write(state.logp_teacher_BxT, lp_t),
       logp_behavior_BxT=write(state.logp_behavior_BxT, zero(logp_b_WxB.T)),
       kl_BxT=write(state.kl_BxT, kl_BxW),
-      window_mean_BxN=write(state.window_mean_BxN, (jnp.sum(signal_BxW, -1) / w)[:, None]),
+      window_mean_BxN=write(state.window_mean_BxN, (jnp.sum(signal_BxW, -1) / w)[:, None], win),
       window_complete_BxN=write(state.window_complete_BxN,
-                                ((length_B >= start + w) & ~eos_B)[:, None]),
+                                ((length_B >= start + w) & ~eos_B)[:, None], win),
       s_cache=s_cache, t_cache=t_cache, s_next_BxV=s_next,
       t_next_BxV=t_logits_BxWxV[:, -1],
       length_B=length_B, eos_B=eos_B, done_B=done_B | fire_B, kat=kat_state, step=start + w)

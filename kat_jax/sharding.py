@@ -71,3 +71,26 @@ def param_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES):
     return named_sharding(names, shape, mesh, rules)
 
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model, mesh: Mesh, rules=DEFAULT_RULES):
+  """Moves an NNX model's params onto `mesh` by their logical axes (in place); returns it."""
+  from flax import nnx
+
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, param_shardings(state, mesh, rules)))
+  return model
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+  """Sharding of a [B, ...] array: batch over the mesh axes `rules['batch']` names."""
+  axes = rules.get("batch")
+  axes = (axes,) if isinstance(axes, str) else tuple(a for a in (axes or ()) if a in mesh.shape)
+  return NamedSharding(mesh, PartitionSpec(axes or None, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+  """How many ways the batch dimension is split."""
+  spec = batch_sharding(mesh, 1, rules).spec[0]
+  spec = (spec,) if isinstance(spec, str) else (spec or ())
+  return int(np.prod([mesh.shape[a] for a in spec]))
