@@ -326,10 +326,19 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
   tau, spike_tau: KAT thresholds (traced: new values never recompile).
   batch_multiple: compacted batch sizes stay multiples of this (the number of batch shards).
   """
+  for who, model in (("student", student), ("teacher", teacher)):
+    if model.cfg.vocab_size < cfg.vocab_size:
+      raise ValueError(f"rollout vocab_size={cfg.vocab_size} exceeds the {who}'s embedding "
+                       f"({model.cfg.vocab_size} rows); use hf.check_compatible(...).vocab_size.")
+  if np.ndim(prompt_BxP) != 2 or np.shape(start_B) != np.shape(prompt_BxP)[:1]:
+    raise ValueError(f"prompt_BxP must be [B, P] and start_B [B]; got {np.shape(prompt_BxP)} "
+                     f"and {np.shape(start_B)} (see rollout.pad_prompts).")
   s_graph, s_params = nnx.split(student)
   t_graph, t_params = nnx.split(teacher)
   prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
   b = prompt_BxP.shape[0]
+  if b % batch_multiple:
+    raise ValueError(f"batch size {b} is not a multiple of batch_multiple={batch_multiple}.")
   state = _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP,
                    jnp.asarray(start_B, jnp.int32), key, tau, spike_tau, cfg=cfg)
   multiple = cfg.compact_multiple
