@@ -1,0 +1,1 @@
+"""Prompt sources: the embedded arithmetic task and local JSONL files."""

@@ -1,0 +1,73 @@
+"""Prompt sources with a one-integer position: example i is a pure function of (source, i).
+
+That makes the data position in a checkpoint a single integer and resuming exact. Sources:
+  * `ArithSource`: the embedded arithmetic task (kat_jax.data.arith);
+  * `JsonlSource`: a local JSONL file, one `{"prompt": str, "answer": str}` object per line,
+    visited in a fresh seeded permutation each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from kat_jax.data import arith
+
+
+class ArithSource:
+
+  def __init__(self, seed: int = 0, n_ops: int = 3, split: str = "train"):
+    self.seed, self.n_ops, self.split = seed, n_ops, split
+
+  def example(self, i: int) -> tuple[str, str]:
+    prompt, _, answer = arith.make_problem(self.seed, i, self.n_ops, self.split)
+    return prompt, answer
+
+  def batch(self, start: int, n: int) -> list[tuple[str, str]]:
+    return [self.example(i) for i in range(start, start + n)]
+
+
+class JsonlSource:
+
+  def __init__(self, path: str | Path, seed: int = 0):
+    self.path = Path(path)
+    self.records = read_jsonl(self.path)
+    self.seed = seed
+
+  def example(self, i: int) -> tuple[str, str]:
+    n = len(self.records)
+    epoch, j = divmod(i, n)
+    order = np.random.default_rng([self.seed, epoch]).permutation(n)
+    rec = self.records[order[j]]
+    return rec["prompt"], rec["answer"]
+
+  def batch(self, start: int, n: int) -> list[tuple[str, str]]:
+    return [self.example(i) for i in range(start, start + n)]
+
+
+def read_jsonl(path: Path) -> list[dict[str, str]]:
+  """Reads prompt/answer records; a bad line is an error naming the file, line and field."""
+  if not path.is_file():
+    raise FileNotFoundError(f"prompt file {str(path)!r} does not exist; give a JSONL file with "
+                            'one {"prompt": ..., "answer": ...} object per line.')
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from None
+      if not isinstance(rec, dict):
+        raise ValueError(f"{path}:{lineno}: expected an object with 'prompt' and 'answer'.")
+      for field in ("prompt", "answer"):
+        if not isinstance(rec.get(field), (str, int, float)) or rec.get(field) == "":
+          raise ValueError(f"{path}:{lineno}: field {field!r} is missing or empty; every line "
+                           'needs {"prompt": "...", "answer": "..."}.')
+      records.append({"prompt": str(rec["prompt"]), "answer": str(rec["answer"])})
+  if not records:
+    raise ValueError(f"{path} holds no records.")
+  return records
