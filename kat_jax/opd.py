@@ -1,0 +1,126 @@
+"""One OPD update on a finished rollout: student forward with grads, objective, optax update.
+
+Split from the rollout on purpose: the rollout is a while_loop with no gradients; the update is a
+plain forward/backward over [prompt + generated] whose loss mask is the rollout's (EOS kept, the
+KAT-cut tail dropped). The teacher is only run here for the full-vocabulary objectives; `sampled_pg`
+uses the per-token teacher log-probs the rollout already computed.
+
+A non-finite loss or gradient skips the update (params and optimizer state unchanged) and is
+reported in the metrics, so the caller can count consecutive skips and stop the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from kat_jax import losses
+from kat_jax.rollout import RolloutResult
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 5e-5  # Tinker's full fine-tuning default for OPD
+  warmup_steps: int = 0
+  schedule: str = "constant"  # constant | cosine (after warm-up, to 0 at total_steps)
+  total_steps: int = 1000
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  clip_norm: float = 1.0  # global-norm clipping; 0 = off
+  accumulation_steps: int = 1
+
+  def __post_init__(self):
+    if self.schedule not in ("constant", "cosine"):
+      raise ValueError(f"optim.schedule={self.schedule!r}; use 'constant' or 'cosine'.")
+    if self.learning_rate <= 0 or self.accumulation_steps < 1:
+      raise ValueError(f"optim.learning_rate={self.learning_rate} must be > 0 and "
+                       f"optim.accumulation_steps={self.accumulation_steps} >= 1.")
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  if cfg.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
+                                            max(cfg.total_steps, cfg.warmup_steps + 1))
+  else:
+    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+                               optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+  chain = ([optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []) + [
+      optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)]
+  tx = optax.chain(*chain)
+  if cfg.accumulation_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulation_steps)
+  return tx
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  objective: str = "sampled_pg"
+  beta: float = 0.5  # jsd only (TRL convention: 0 = forward KL, 1 = reverse KL)
+  temperature: float = 1.0  # see kat_jax.losses
+  vocab_size: int = 0  # shared vocabulary (logits are sliced to it)
+
+  def __post_init__(self):
+    if self.objective not in losses.OBJECTIVES:
+      raise ValueError(f"loss.objective={self.objective!r}; use one of {losses.OBJECTIVES}.")
+    if not 0 <= self.beta <= 1 or self.temperature <= 0:
+      raise ValueError(f"loss.beta={self.beta} must be in [0, 1] and loss.temperature="
+                       f"{self.temperature} > 0.")
+
+
+def training_batch(prompt_BxP, start_B, result: RolloutResult):
+  """Sequences [B, P + T], their attention mask, and where the generated logits sit."""
+  seq = jnp.concatenate([prompt_BxP, result.tokens_BxT], axis=1)
+  b, p = prompt_BxP.shape
+  t = result.tokens_BxT.shape[1]
+  in_prompt = jnp.arange(p)[None, :] >= start_B[:, None]
+  in_gen = jnp.arange(t)[None, :] < result.length_B[:, None]
+  return seq, jnp.concatenate([in_prompt, in_gen], axis=1)
+
+
+def _loss(s_params, s_graph, t_model, prompt_BxP, start_B, result: RolloutResult,
+          cfg: LossConfig, num_tokens):
+  student = nnx.merge(s_graph, s_params)
+  seq, attn = training_batch(prompt_BxP, start_B, result)
+  p = prompt_BxP.shape[1]
+  v = cfg.vocab_size or student.cfg.vocab_size
+  # Position p + i - 1 predicts generated token i; the prompt positions' logits are never formed.
+  s_logits = student.logits(student.hidden(seq, attn)[:, p - 1:-1])[..., :v]
+  t_logits = None
+  if cfg.objective != "sampled_pg":
+    t_hidden = t_model.hidden(seq, attn)[:, p - 1:-1]
+    t_logits = jax.lax.stop_gradient(t_model.logits(t_hidden)[..., :v])
+  loss = losses.opd_loss(cfg.objective, s_logits, result.loss_mask_BxT,
+                         tokens_BxT=result.tokens_BxT, logp_student_BxT=result.logp_student_BxT,
+                         logp_teacher_BxT=result.logp_teacher_BxT,
+                         logp_behavior_BxT=result.logp_behavior_BxT,
+                         teacher_logits_BxTxV=t_logits, beta=cfg.beta,
+                         temperature=cfg.temperature, num_tokens=num_tokens)
+  return loss
+
+
+@functools.partial(jax.jit, static_argnames=("s_graph", "t_graph", "tx", "cfg"),
+                   donate_argnames=("s_params", "opt_state"))
+def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
+           result: RolloutResult, *, tx: optax.GradientTransformation, cfg: LossConfig):
+  """Returns (new params, new optimizer state, metrics); skips the update if non-finite."""
+  teacher = nnx.merge(t_graph, t_params)
+  num_tokens = jnp.sum(result.loss_mask_BxT)
+  loss, grads = jax.value_and_grad(_loss)(s_params, s_graph, teacher, prompt_BxP, start_B,
+                                          result, cfg, num_tokens)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # Zeroed grads keep the optimizer math finite on the skipped branch; its result is discarded.
+  safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+  updates, new_opt = tx.update(safe_grads, opt_state, s_params)
+  new_params = optax.apply_updates(s_params, updates)
+  keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+  new_params = jax.tree.map(keep, new_params, s_params)
+  new_opt = jax.tree.map(keep, new_opt, opt_state)
+  metrics = dict(loss=loss, grad_norm=grad_norm, skipped=~finite, trained_tokens=num_tokens)
+  return new_params, new_opt, metrics
