@@ -77,6 +77,11 @@ def init_state(batch_size: int) -> KATState:
                   detect_B=zeros - 1, onset_B=zeros - 1)
 
 
+def window_complete(length_B, eos_B, end):
+  """The row generated every token of the window ending at `end` and had not ended by EOS."""
+  return (length_B >= end) & ~eos_B
+
+
 def window_update(state: KATState, signal_BxW, length_B, eos_B, start, tau, spike_tau,
                   cfg: KATConfig) -> tuple[KATState, jax.Array]:
   """Processes window [start, start + W) of every row; returns (state, fire_B).
@@ -98,7 +103,7 @@ def window_update(state: KATState, signal_BxW, length_B, eos_B, start, tau, spik
     return state, jnp.zeros_like(state.terminated_B)
 
   signal_BxW = signal_BxW.astype(jnp.float32)
-  complete = (length_B >= end) & ~eos_B
+  complete = window_complete(length_B, eos_B, end)
   mean_B = jnp.sum(signal_BxW, axis=-1) / w
   low = complete & (mean_B < tau)
   if cfg.spike_gate:

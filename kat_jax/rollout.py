@@ -265,7 +265,7 @@ def _window(student: Transformer, teacher: Transformer, state: RolloutState,
       kl_BxT=write(state.kl_BxT, kl_BxW),
       window_mean_BxN=write(state.window_mean_BxN, (jnp.sum(signal_BxW, -1) / w)[:, None], win),
       window_complete_BxN=write(state.window_complete_BxN,
-                                ((length_B >= start + w) & ~eos_B)[:, None], win),
+                                kat_lib.window_complete(length_B, eos_B, start + w)[:, None], win),
       s_cache=s_cache, t_cache=t_cache, s_next_BxV=s_next,
       t_next_BxV=t_logits_BxWxV[:, -1],
       length_B=length_B, eos_B=eos_B, done_B=done_B | fire_B, kat=kat_state, step=start + w)
