@@ -15,7 +15,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 
-MODES = ("smoke",)
+MODES = ("smoke", "sft")
 
 
 def main(argv):
@@ -33,6 +33,9 @@ def main(argv):
   if mode == "smoke":
     from kat_jax import smoke
     smoke.run(config, _WORKDIR.value)
+  elif mode == "sft":
+    from kat_jax import sft
+    sft.train(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -391,6 +391,53 @@ def _finalize(rows: dict, kat_state: kat_lib.KATState, *, cfg: RolloutConfig) ->
       window_mean_BxN=rows["window_mean_BxN"], window_complete_BxN=rows["window_complete_BxN"])
 
 
+@functools.partial(jax.jit, static_argnames=("graph", "max_new_tokens", "eos_ids", "pad_id",
+                                             "vocab_size", "sampling"))
+def _generate(graph, params, prompt_BxP, start_B, key, *, max_new_tokens, eos_ids, pad_id,
+              vocab_size, sampling):
+  model = nnx.merge(graph, params)
+  b, p = prompt_BxP.shape
+  cache = model.init_cache(b, p + max_new_tokens, start_B)
+  logits_BxV, cache = _last_logits(model, prompt_BxP, cache, vocab_size)
+  eos = jnp.asarray(eos_ids, jnp.int32)
+  rows = jnp.arange(b, dtype=jnp.int32)
+
+  def cond(c):
+    t, _, _, _, done, _ = c
+    return (t < max_new_tokens) & ~jnp.all(done)
+
+  def body(c):
+    t, logits_BxV, cache, tokens, done, length = c
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, t), rows)
+    tok_B, _ = sample(logits_BxV, keys_B, sampling)
+    tok_B = jnp.where(done, pad_id, tok_B)
+    logits, cache = model.decode(tok_B[:, None], cache)
+    tokens = jax.lax.dynamic_update_slice(tokens, tok_B[:, None], (0, t))
+    length = length + (~done).astype(jnp.int32)
+    done = done | jnp.any(tok_B[:, None] == eos[None, :], axis=-1)
+    return t + 1, logits[:, 0, :vocab_size], cache, tokens, done, length
+
+  init = (jnp.int32(0), logits_BxV, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+          jnp.zeros((b,), jnp.bool_), jnp.zeros((b,), jnp.int32))
+  _, _, _, tokens, _, length = jax.lax.while_loop(cond, body, init)
+  return tokens, length
+
+
+def generate(model: Transformer, prompt_BxP, start_B, key, *, max_new_tokens: int,
+             eos_ids: tuple[int, ...], pad_id: int, vocab_size: int | None = None,
+             sampling: SamplingConfig = SamplingConfig()):
+  """Student-only sampling (evaluation): (tokens [B, max_new_tokens], length [B]).
+
+  Same per-row keys as `rollout`, so with the same key it draws the same tokens as the student
+  does inside the fused rollout.
+  """
+  graph, params = nnx.split(model)
+  return _generate(graph, params, jnp.asarray(prompt_BxP, jnp.int32),
+                   jnp.asarray(start_B, jnp.int32), key, max_new_tokens=max_new_tokens,
+                   eos_ids=tuple(eos_ids), pad_id=pad_id,
+                   vocab_size=vocab_size or model.cfg.vocab_size, sampling=sampling)
+
+
 def apply_random_truncation(result: RolloutResult, key, target_lengths_N) -> RolloutResult:
   """The random-truncation ablation: cut the loss of uncut rollouts at matched random lengths."""
   trained, cut = kat_lib.random_truncation(key, result.length_B, jnp.asarray(target_lengths_N))

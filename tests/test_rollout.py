@@ -260,3 +260,14 @@ def test_sharded_rollout_equals_single_device(models, shape):
   for name in ("logp_student_BxT", "logp_teacher_BxT", "kl_BxT"):
     np.testing.assert_allclose(getattr(res, name), getattr(ref, name), atol=1e-5, err_msg=name)
   assert ref.terminated_B.any()
+
+
+def test_student_only_generate_draws_the_rollout_tokens(models):
+  student, _ = models
+  cfg = _cfg(kat={"mode": "none"})
+  res = _run(models, cfg, key=11)
+  p, start = _prompts()
+  tokens, length = rollout.generate(student, p, start, jax.random.key(11), max_new_tokens=24,
+                                    eos_ids=EOS, pad_id=PAD, vocab_size=VOCAB)
+  np.testing.assert_array_equal(np.asarray(length), res.length_B)
+  np.testing.assert_array_equal(np.asarray(tokens), res.tokens_BxT[:, :24])
