@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
     "numpy==2.4.6",
     "absl-py>=2.1",
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
+    "tqdm>=4.66",
 ]
 
 EXTRAS = {
@@ -44,6 +46,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["kat_jax", "kat_jax.*"]),
+    # The embedded task's teacher and student (HF directories, a few MB).
+    package_data={"kat_jax": ["assets/*/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

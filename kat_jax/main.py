@@ -1,6 +1,8 @@
 """Entry point: python -m kat_jax.main --config configs/NAME.py[:arg] --workdir DIR [--config.k=v].
 
-Kept short on purpose (as in nanodo): parse flags, log the devices, dispatch on `config.mode`.
+Kept short on purpose (as in nanodo): parse flags, validate, log the devices, dispatch on
+`config.mode`. A bad config, checkpoint or model directory exits non-zero with one line naming the
+problem -- no traceback -- before anything is loaded or compiled.
 """
 
 from __future__ import annotations
@@ -15,27 +17,46 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 
-MODES = ("smoke", "sft")
+MODES = ("train", "sft", "smoke")
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  if config is None:
-    sys.exit("error: --config is required, e.g. --config configs/smoke.py")
-  if not _WORKDIR.value:
-    sys.exit("error: --workdir is required, e.g. --workdir /tmp/kat")
+def _run(config, workdir: str) -> None:
   mode = config.get("mode", None)
   if mode not in MODES:
-    sys.exit(f"error: config.mode={mode!r} is not one of {MODES}; set --config.mode.")
+    raise ValueError(f"config.mode={mode!r} is not one of {MODES}; set --config.mode.")
   logging.info("JAX %s, %d %s device(s), %d process(es)", jax.__version__, jax.device_count(),
                jax.default_backend(), jax.process_count())
   if mode == "smoke":
     from kat_jax import smoke
-    smoke.run(config, _WORKDIR.value)
+    smoke.run(config, workdir)
   elif mode == "sft":
     from kat_jax import sft
-    sft.train(config, _WORKDIR.value)
+    sft.train(config, workdir)
+  else:
+    from kat_jax import config as config_lib
+    from kat_jax import train
+    config_lib.validate(config, workdir)
+    train.train(config, workdir)
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None:
+    sys.exit("error: --config is required, e.g. --config configs/arith.py")
+  if not _WORKDIR.value:
+    sys.exit("error: --workdir is required, e.g. --workdir /tmp/kat")
+  from kat_jax.hf import CheckpointError
+  from kat_jax.models import ConfigError
+  from kat_jax.train import TrainingStopped
+  try:
+    _run(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, CheckpointError, TrainingStopped, FileExistsError,
+          FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  except ValueError as e:  # raised by config dataclasses; one line, no traceback
+    if str(e).startswith(("config.", "kat.", "sampling", "loss.", "optim.", "threshold.")):
+      sys.exit(f"error: {e}")
+    raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""The training config: its schema (defaults), validation, and the static pieces built from it.
+
+`validate(config)` runs before anything loads or compiles and raises `ConfigError` with one line
+naming the field, the bad value and the fix. Every config file builds on `defaults()`, so a key the
+schema does not know is a typo, reported as such.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from kat_jax import kat, rollout, threshold
+from kat_jax.models.config import ConfigError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "train"  # train | sft | smoke
+  c.seed = 0
+  c.student = str(ASSETS / "arith_student")  # HF model directories
+  c.teacher = str(ASSETS / "arith_teacher")
+  c.dtype = ""  # "" = float32 on CPU, bfloat16 on accelerators
+  c.steps = 100
+  c.prompts_per_step = 16
+  c.samples_per_prompt = 4
+  c.max_new_tokens = 64
+  c.data = ml_collections.ConfigDict(dict(source="arith", path="", eval_path="", seed=0, n_ops=3))
+  c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0))
+  c.kat = ml_collections.ConfigDict(dict(
+      mode="kat", signal="kl", window=32, patience=4, min_len=256, cut="onset", spike_gate=False,
+      spike_tau=2.0, fixed_len=0, random_lengths=[0]))
+  c.threshold = ml_collections.ConfigDict(dict(
+      mode="adaptive", momentum=0.9, quantile=0.2, ratio=0.5, fixed_tau=0.0, warmup_steps=5))
+  # beta: jsd only, TRL convention (0 = forward KL(teacher||student), 1 = reverse KL).
+  c.loss = ml_collections.ConfigDict(dict(objective="sampled_pg", beta=0.5, temperature=1.0))
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=5e-5, warmup_steps=0, schedule="constant", total_steps=100, weight_decay=0.0,
+      b1=0.9, b2=0.999, clip_norm=1.0, accumulation_steps=1))
+  c.rescore_student = False
+  c.compact_multiple = 0
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+  c.max_consecutive_skips = 5
+  c.eval_every = 0  # 0 = only before and after
+  c.eval_size = 256
+  c.export = True
+  return c
+
+
+def _fail(field: str, value, fix: str):
+  raise ConfigError(f"config.{field}={value!r}: {fix}")
+
+
+def _check_schema(config, schema, prefix=""):
+  for key in config.keys():
+    field = prefix + key
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+      hint = f"did you mean {prefix + close[0]!r}?" if close else "remove it."
+      raise ConfigError(f"config.{field} is not a known setting; {hint}")
+    value, ref = config[key], schema[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        _fail(field, value, "must be a group of settings (a ConfigDict).")
+      _check_schema(value, ref, field + ".")
+      continue
+    ok = (isinstance(value, type(ref)) or (isinstance(ref, float) and isinstance(value, int)
+                                           and not isinstance(value, bool)))
+    if isinstance(ref, int) and not isinstance(ref, bool) and isinstance(value, bool):
+      ok = False
+    if not ok:
+      _fail(field, value, f"must be of type {type(ref).__name__}.")
+
+
+def validate(config, workdir: str | None = None, check_models: bool = True) -> None:
+  """Raises ConfigError (one line: field, value, fix) for anything the run cannot do."""
+  from kat_jax import hf
+  _check_schema(config, defaults())
+  if config.mode != "train":
+    _fail("mode", config.mode, "this validator is for mode='train'.")
+  for field in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
+                "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
+    if config[field] < 1:
+      _fail(field, config[field], "must be >= 1.")
+  if config.eval_size < 0 or config.eval_every < 0:
+    _fail("eval_size", config.eval_size, "eval_size and eval_every must be >= 0.")
+  batch = config.prompts_per_step * config.samples_per_prompt
+  if batch % jax.device_count():
+    _fail("prompts_per_step", config.prompts_per_step,
+          f"the batch prompts_per_step x samples_per_prompt = {batch} must be divisible by the "
+          f"{jax.device_count()} devices.")
+  if config.kat.window > config.max_new_tokens:
+    _fail("kat.window", config.kat.window,
+          f"longer than max_new_tokens={config.max_new_tokens}; lower kat.window or raise "
+          "max_new_tokens.")
+  if config.kat.mode == "random" and (not config.kat.random_lengths
+                                      or min(config.kat.random_lengths) < 1):
+    _fail("kat.random_lengths", list(config.kat.random_lengths),
+          "mode='random' needs a list of positive lengths to draw cut points from (e.g. KAT's "
+          "trained lengths from metrics.jsonl).")
+  if config.data.source not in ("arith", "jsonl"):
+    _fail("data.source", config.data.source, "use 'arith' or 'jsonl'.")
+  if config.data.source == "jsonl" and not Path(config.data.path).is_file():
+    _fail("data.path", config.data.path, "no such file; give a JSONL file of "
+          '{"prompt": ..., "answer": ...} lines.')
+  try:  # the dataclasses' own range checks, reported with the config field
+    rollout_config(config, (0,), 0, 1)
+    threshold_config(config)
+    from kat_jax import opd
+    opd.OptimConfig(**config.optim)
+    opd.LossConfig(**config.loss)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
+  if check_models:
+    for field in ("student", "teacher"):
+      path = Path(config[field])
+      if not (path / "config.json").is_file():
+        _fail(field, config[field], "not a Hugging Face model directory (no config.json); give "
+              "the path of a local model directory.")
+    try:
+      hf.check_compatible(config.student, config.teacher)
+    except ValueError as e:
+      raise ConfigError(f"config.student / config.teacher: {e}") from None
+  if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
+    raise ConfigError(f"--workdir={workdir!r} exists and is not a directory; choose another path.")
+
+
+def rollout_config(config, eos_ids, pad_id, vocab_size) -> rollout.RolloutConfig:
+  k = config.kat
+  return rollout.RolloutConfig(
+      max_new_tokens=config.max_new_tokens, eos_ids=tuple(eos_ids), pad_id=pad_id,
+      vocab_size=vocab_size, sampling=rollout.SamplingConfig(**config.sampling),
+      kat=kat.KATConfig(mode=k.mode, signal=k.signal, window=k.window, patience=k.patience,
+                        min_len=k.min_len, cut=k.cut, spike_gate=k.spike_gate,
+                        fixed_len=k.fixed_len),
+      rescore_student=config.rescore_student, compact_multiple=config.compact_multiple)
+
+
+def threshold_config(config) -> threshold.ThresholdConfig:
+  return threshold.ThresholdConfig(**config.threshold)

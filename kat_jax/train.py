@@ -1,0 +1,263 @@
+"""OPD training with KAT: prompts -> fused rollout -> objective -> optax update, checkpointed.
+
+Determinism: every random draw of step k comes from `fold_in(seed_key, k)`, the prompts of step k
+are a pure function of the data position, and the threshold state is part of the checkpoint, so a
+run resumed from step N continues bit for bit as if it had never stopped. Orbax keeps the last
+`keep_checkpoints` steps; a run that stops on repeated non-finite updates saves nothing more, so
+the last good checkpoint is never overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from kat_jax import hf, kat, opd, rollout, threshold
+from kat_jax.config import ConfigError, rollout_config, threshold_config
+
+
+class TrainingStopped(RuntimeError):
+  """Raised when too many consecutive updates were non-finite."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training run holds besides the per-step state."""
+  config: object
+  workdir: Path
+  student: nnx.Module
+  teacher: nnx.Module
+  s_cfg: object
+  vocab_size: int
+  eos_ids: tuple[int, ...]
+  pad_id: int
+  tokenizer: object
+  source: object
+  eval_source: object
+  tx: object
+  loss_cfg: opd.LossConfig
+  rollout_cfg: rollout.RolloutConfig
+  threshold_cfg: threshold.ThresholdConfig
+
+
+def _tokenizer(model_dir: Path):
+  from tokenizers import Tokenizer
+  return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
+def _source(data_cfg, split: str):
+  from kat_jax.data import sources
+  if data_cfg.source == "arith":
+    return sources.ArithSource(seed=data_cfg.seed + (split == "eval"), n_ops=data_cfg.n_ops,
+                               split=split)
+  path = data_cfg.path if split == "train" else (data_cfg.eval_path or data_cfg.path)
+  return sources.JsonlSource(path, seed=data_cfg.seed)
+
+
+def setup(config, workdir) -> Run:
+  compat = hf.check_compatible(config.student, config.teacher)
+  dtype = config.dtype or None
+  student, s_cfg = hf.load(config.student, dtype=dtype)
+  teacher, _ = hf.load(config.teacher, dtype=dtype)
+  tokenizer = _tokenizer(Path(config.student))
+  pad_id = s_cfg.pad_token_id if s_cfg.pad_token_id is not None else compat.eos_token_ids[0]
+  return Run(
+      config=config, workdir=Path(workdir), student=student, teacher=teacher, s_cfg=s_cfg,
+      vocab_size=compat.vocab_size, eos_ids=compat.eos_token_ids, pad_id=pad_id,
+      tokenizer=tokenizer, source=_source(config.data, "train"),
+      eval_source=_source(config.data, "eval"),
+      tx=opd.make_optimizer(opd.OptimConfig(**config.optim)),
+      loss_cfg=opd.LossConfig(vocab_size=compat.vocab_size, **config.loss),
+      rollout_cfg=rollout_config(config, compat.eos_token_ids, pad_id, compat.vocab_size),
+      threshold_cfg=threshold_config(config))
+
+
+def _encode(run: Run, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  ids = [run.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+  return rollout.pad_prompts(ids, run.pad_id)
+
+
+def _decode(run: Run, tokens: np.ndarray, length: int) -> str:
+  ids = [int(t) for t in tokens[:length] if int(t) not in run.eos_ids]
+  return run.tokenizer.decode(ids)
+
+
+def evaluate(run: Run, n: int, key) -> dict:
+  """Held-out accuracy of the current student (sampled at the rollout temperature)."""
+  from kat_jax.data import arith
+  from kat_jax.evaluate import extract_boxed
+  problems = run.eval_source.batch(0, n)
+  prompt, start = _encode(run, [p for p, _ in problems])
+  tokens, length = rollout.generate(
+      run.student, prompt, start, key, max_new_tokens=run.config.max_new_tokens,
+      eos_ids=run.eos_ids, pad_id=run.pad_id, vocab_size=run.vocab_size,
+      sampling=run.rollout_cfg.sampling)
+  tokens, length = np.asarray(tokens), np.asarray(length)
+  texts = [_decode(run, t, int(n_)) for t, n_ in zip(tokens, length)]
+  correct = [arith.score(t, a) if run.config.data.source == "arith"
+             else extract_boxed(t) == a.strip() for t, (_, a) in zip(texts, problems)]
+  return dict(accuracy=float(np.mean(correct)), mean_length=float(np.mean(length)))
+
+
+def _state_tree(run: Run, opt_state, th_state):
+  return dict(params=nnx.state(run.student, nnx.Param), opt_state=opt_state, threshold=th_state)
+
+
+def train(config, workdir) -> dict:
+  """The main job. Returns the final summary (also printed as a table)."""
+  run = setup(config, workdir)
+  run.workdir.mkdir(parents=True, exist_ok=True)
+  (run.workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  s_graph, s_params = nnx.split(run.student, nnx.Param)
+  t_graph, t_params = nnx.split(run.teacher)
+  opt_state = run.tx.init(s_params)
+  th_state = threshold.init()
+  manager = ocp.CheckpointManager(
+      (run.workdir / "checkpoints").resolve(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+  start_step, meta = 0, {"consecutive_skips": 0}
+  latest = manager.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            _state_tree(run, opt_state, th_state))
+    restored = manager.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    nnx.update(run.student, restored["state"]["params"])
+    opt_state, th_state = restored["state"]["opt_state"], restored["state"]["threshold"]
+    start_step, meta = latest, restored["meta"]
+    print(f"resumed from {run.workdir / 'checkpoints'} at step {latest}", flush=True)
+
+  key = jax.random.key(config.seed)
+  metrics_file = open(run.workdir / "metrics.jsonl", "a")
+  writer = _tensorboard(run.workdir)
+  before = evaluate(run, config.eval_size, jax.random.fold_in(key, 2**31)) if (
+      start_step == 0 and config.eval_size) else None
+  if before:
+    _log(metrics_file, writer, 0, {f"eval/{k}": v for k, v in before.items()})
+  totals = dict(generated=0, trained=0, rows=0, terminated=0, saved=0)
+  per_step = config.prompts_per_step * config.samples_per_prompt
+  progress = _progress(config.steps, start_step)
+  skips = int(meta.get("consecutive_skips", 0))
+  for step in range(start_step, config.steps):
+    t0 = time.perf_counter()
+    step_key = jax.random.fold_in(key, step)
+    problems = run.source.batch(step * config.prompts_per_step, config.prompts_per_step)
+    prompts = [p for p, _ in problems for _ in range(config.samples_per_prompt)]
+    prompt, start = _encode(run, prompts)
+    tau = threshold.tau(th_state, step, run.threshold_cfg)
+    _, s_now = nnx.split(run.student, nnx.Param)
+    result = rollout.rollout(run.student, run.teacher, prompt, start,
+                             jax.random.fold_in(step_key, 0), run.rollout_cfg, tau=tau,
+                             spike_tau=config.kat.spike_tau)
+    if config.kat.mode == "random":
+      result = rollout.apply_random_truncation(
+          result, jax.random.fold_in(step_key, 1), jnp.asarray(config.kat.random_lengths))
+    th_state = threshold.observe(th_state, result.window_mean_BxN, result.window_complete_BxN,
+                                 run.threshold_cfg)
+    new_params, opt_state, m = opd.update(
+        s_graph, s_now, t_graph, t_params, opt_state, jnp.asarray(prompt), jnp.asarray(start),
+        result, tx=run.tx, cfg=run.loss_cfg)
+    nnx.update(run.student, new_params)
+    res = jax.device_get(result)
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    skips = skips + 1 if m["skipped"] else 0
+    gen = int(res.length_B.sum())
+    saved = int(np.sum(np.where(res.terminated_B, config.max_new_tokens - res.length_B, 0)))
+    step_time = time.perf_counter() - t0
+    gen_mask = np.arange(res.kl_BxT.shape[1])[None, :] < res.length_B[:, None]
+    rec = dict(loss=m["loss"], grad_norm=m["grad_norm"], skipped=m["skipped"],
+               kl=float(res.kl_BxT[gen_mask].mean()) if gen else 0.0,
+               kl_sampled=float(res.logratio_BxT[gen_mask].mean()) if gen else 0.0,
+               trap_rate=float(res.terminated_B.mean()), gen_len=float(res.length_B.mean()),
+               trained_len=float(res.trained_len_B.mean()),
+               tokens_saved_frac=saved / max(gen + saved, 1), tau=float(tau),
+               tokens_per_s=gen / step_time, step_time=step_time)
+    totals["generated"] += gen
+    totals["trained"] += int(res.trained_len_B.sum())
+    totals["rows"] += per_step
+    totals["terminated"] += int(res.terminated_B.sum())
+    totals["saved"] += saved
+    if skips >= config.max_consecutive_skips:
+      raise TrainingStopped(
+          f"step {step + 1}: {skips} consecutive non-finite updates (loss {m['loss']}); stopped "
+          f"without saving. The last good checkpoint is step {manager.latest_step()} in "
+          f"{run.workdir / 'checkpoints'}; lower optim.learning_rate or check the models.")
+    if config.eval_every and (step + 1) % config.eval_every == 0 and config.eval_size:
+      rec.update({f"eval/{k}": v for k, v in evaluate(run, config.eval_size,
+                                                       jax.random.fold_in(step_key, 2)).items()})
+    _log(metrics_file, writer, step + 1, rec)
+    progress.update(1)
+    progress.set_postfix(loss=f"{rec['loss']:.3f}", kl=f"{rec['kl']:.3f}",
+                         trap=f"{rec['trap_rate']:.2f}", tau=f"{rec['tau']:.3g}")
+    if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+      manager.save(step + 1, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_state_tree(run, opt_state, th_state)),
+          meta=ocp.args.JsonSave({"consecutive_skips": skips,
+                                  "data_position": (step + 1) * config.prompts_per_step})))
+  manager.wait_until_finished()
+  progress.close()
+  after = evaluate(run, config.eval_size, jax.random.fold_in(key, 2**31)) if config.eval_size else None
+  if after:
+    _log(metrics_file, writer, config.steps, {f"final/{k}": v for k, v in after.items()})
+  metrics_file.close()
+  if writer:
+    writer.close()
+  summary = dict(
+      steps=config.steps, accuracy_before=before and before["accuracy"],
+      accuracy_after=after and after["accuracy"],
+      mean_rollout_length=totals["generated"] / max(totals["rows"], 1),
+      mean_trained_length=totals["trained"] / max(totals["rows"], 1),
+      trap_rate=totals["terminated"] / max(totals["rows"], 1),
+      tokens_saved_frac=totals["saved"] / max(totals["generated"] + totals["saved"], 1))
+  if config.export:
+    hf.save(run.student, run.s_cfg, run.workdir / "export", tokenizer_dir=config.student,
+            overwrite=True)
+    summary["export"] = str(run.workdir / "export")
+  _print_table(summary, start_step)
+  return summary
+
+
+def _log(f, writer, step, rec):
+  # tau is -inf while KAT warms up: null in the JSONL (strict JSON), absent from TensorBoard.
+  clean = {k: (v if np.isfinite(v) else None) for k, v in rec.items()}
+  f.write(json.dumps({"step": step, **clean}) + "\n")
+  f.flush()
+  if writer:
+    for k, v in clean.items():
+      if v is not None:
+        writer.add_scalar(k, v, step)
+
+
+def _tensorboard(workdir: Path):
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:  # TensorBoard files are optional; JSONL is always written
+    return None
+  return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _progress(total, initial):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, desc="opd", dynamic_ncols=True)
+
+
+def _print_table(summary, start_step):
+  rows = [("held-out accuracy before", summary["accuracy_before"]),
+          ("held-out accuracy after", summary["accuracy_after"]),
+          ("mean rollout length (tokens)", summary["mean_rollout_length"]),
+          ("mean trained length (tokens)", summary["mean_trained_length"]),
+          ("trap rate (rows stopped by KAT)", summary["trap_rate"]),
+          ("tokens saved (upper bound)", summary["tokens_saved_frac"])]
+  note = f" (steps {start_step + 1}-{summary['steps']} of this run)" if start_step else ""
+  print(f"\nkat_jax OPD summary{note}")
+  for name, value in rows:
+    text = "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else value)
+    print(f"  {name:<34} {text}")

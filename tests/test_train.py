@@ -1,0 +1,165 @@
+"""The training loop end to end: golden step, bit-exact resume, non-finite stop, main, bad configs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kat_jax import config as config_lib
+from kat_jax import hf, train
+from kat_jax.models import ConfigError
+from train_fixtures import make_models, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden" / "opd_step.json"
+STEP_KEYS = ("loss", "grad_norm", "kl", "kl_sampled", "trap_rate", "gen_len", "trained_len", "tau")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  return make_models(tmp_path_factory.mktemp("models"))
+
+
+def _metrics(workdir):
+  lines = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r for r in lines if "loss" in r}
+
+
+def _main(args, cwd=ROOT):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", "kat_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_two_steps_match_golden_metrics(models, tmp_path):
+  cfg = tiny_config(*models, steps=2)
+  cfg.eval_size = 0
+  cfg.export = False
+  train.train(cfg, tmp_path)
+  got = {str(k): {m: v[m] for m in STEP_KEYS} for k, v in _metrics(tmp_path).items()}
+  if os.environ.get("KAT_UPDATE_GOLDEN"):
+    GOLDEN.write_text(json.dumps(got, indent=2) + "\n")
+  want = json.loads(GOLDEN.read_text())
+  assert set(got) == set(want)
+  for step in want:
+    for key in STEP_KEYS:
+      if want[step][key] is None:
+        assert got[step][key] is None, (step, key)
+      else:
+        np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, atol=1e-6,
+                                   err_msg=f"step {step} {key}")
+
+
+def test_resume_after_process_exit_is_bit_exact(models, tmp_path):
+  straight = tmp_path / "straight"
+  cfg = tiny_config(*models, steps=4)
+  train.train(cfg, straight)
+  spec = f"tests/tiny_config.py:{models[0]},{models[1]}"
+  resumed = tmp_path / "resumed"
+  first = _main(["--config", f"{spec},2", "--workdir", str(resumed)])
+  assert first.returncode == 0, first.stderr[-2000:]
+  second = _main(["--config", f"{spec},4", "--workdir", str(resumed)])
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert "resumed from" in second.stdout and "at step 2" in second.stdout
+  a, b = _metrics(straight), _metrics(resumed)
+  assert sorted(b) == [1, 2, 3, 4]
+  for step in (1, 2, 3, 4):
+    for key in STEP_KEYS:
+      assert a[step][key] == b[step][key], (step, key)
+  ta = {n: hf._read_tensor(i).tobytes() for n, i in
+        hf._read_header(straight / "export" / "model.safetensors").items()}
+  tb = {n: hf._read_tensor(i).tobytes() for n, i in
+        hf._read_header(resumed / "export" / "model.safetensors").items()}
+  assert ta == tb
+  # The export is a model transformers-compatible tooling (and kat_jax) loads back.
+  model, _ = hf.load(resumed / "export")
+  assert model.cfg.vocab_size == 19
+
+
+def test_non_finite_updates_stop_without_touching_the_good_checkpoint(models, tmp_path):
+  import jax.numpy as jnp
+  cfg = tiny_config(*models, steps=2)
+  cfg.eval_size = 0
+  train.train(cfg, tmp_path / "run")
+  ckpt = tmp_path / "run" / "checkpoints" / "2"
+  before = {p: p.read_bytes() for p in sorted(ckpt.rglob("*")) if p.is_file()}
+  teacher, t_cfg = hf.load(models[1])
+  teacher.layers[0].mlp.up_proj[...] = teacher.layers[0].mlp.up_proj[...] * jnp.nan
+  hf.save(teacher, t_cfg, tmp_path / "nan_teacher", tokenizer_dir=models[1])
+  bad = tiny_config(models[0], tmp_path / "nan_teacher", steps=6)
+  bad.max_consecutive_skips = 2
+  bad.loss.objective = "reverse_kl"
+  bad.eval_size = 0
+  with pytest.raises(train.TrainingStopped, match=r"2 consecutive non-finite.*last good checkpoint "
+                     r"is step 2"):
+    train.train(bad, tmp_path / "run")
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+  assert {p: p.read_bytes() for p in sorted(ckpt.rglob("*")) if p.is_file()} == before
+
+
+def _bad(models, **edits):
+  """tiny_config with edits; `kat__window=3` sets config.kat.window (unknown keys added too)."""
+  cfg = tiny_config(*models)
+  for key, value in edits.items():
+    node = cfg
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node[p]
+    with cfg.unlocked():
+      if leaf in node:  # ConfigDict is type-safe: a config *file* could still hold any type
+        del node[leaf]
+      node[leaf] = value
+  return cfg
+
+BAD = [
+    (dict(kat__windw=4), r"config\.kat\.windw is not a known setting; did you mean 'kat\.window'"),
+    (dict(steps="10"), r"config\.steps='10': must be of type int"),
+    (dict(steps=0), r"config\.steps=0: must be >= 1"),
+    (dict(kat__window=64), r"config\.kat\.window=64: longer than max_new_tokens=16"),
+    (dict(prompts_per_step=3), r"config\.prompts_per_step=3: the batch .* = 6 must be divisible "
+                               r"by the 8 devices"),
+    (dict(kat__mode="sometimes"), r"config\.kat\.mode='sometimes'; use one of"),
+    (dict(loss__objective="ce"), r"config\.loss\.objective='ce'; use one of"),
+    (dict(loss__beta=1.5), r"config\.loss\.beta=1\.5 must be in \[0, 1\]"),
+    (dict(sampling__top_p=0.0), r"config\.sampling: .*top_p=0\.0 in \(0, 1\]"),
+    (dict(optim__learning_rate=-1.0), r"config\.optim\.learning_rate=-1\.0 must be > 0"),
+    (dict(threshold__mode="median"), r"config\.threshold\.mode='median'"),
+    (dict(student="/nonexistent/model"), r"config\.student='/nonexistent/model': not a Hugging "
+                                         r"Face model directory"),
+    (dict(data__source="jsonl", data__path="/nope.jsonl"), r"config\.data\.path='/nope\.jsonl': "
+                                                           r"no such file"),
+    (dict(kat__mode="fixed"), r"config\.kat\.mode='fixed' needs kat\.fixed_len >= 1"),
+    (dict(kat__mode="random", kat__random_lengths=[]), r"config\.kat\.random_lengths=\[\]"),
+]
+
+
+@pytest.mark.parametrize("edits,message", BAD, ids=[next(iter(e)) for e, _ in BAD])
+def test_bad_configs_give_one_clear_line(models, edits, message):
+  with pytest.raises(ConfigError, match=message) as info:
+    config_lib.validate(_bad(models, **edits))
+  assert "\n" not in str(info.value)
+
+
+def test_tokenizer_mismatch_is_a_config_error(models, tmp_path):
+  import shutil
+  shutil.copytree(models[1], tmp_path / "teacher")
+  tok = json.loads((tmp_path / "teacher" / "tokenizer.json").read_text())
+  vocab = tok["model"]["vocab"]
+  vocab["+"], vocab["-"] = vocab["-"], vocab["+"]
+  (tmp_path / "teacher" / "tokenizer.json").write_text(json.dumps(tok))
+  with pytest.raises(ConfigError, match=r"config\.student / config\.teacher: .*vocab differ"):
+    config_lib.validate(tiny_config(models[0], tmp_path / "teacher"))
+
+
+def test_main_reports_bad_config_in_one_line_without_traceback(models, tmp_path):
+  spec = f"tests/tiny_config.py:{models[0]},{models[1]},2"
+  out = _main(["--config", spec, "--workdir", str(tmp_path), "--config.kat.window=64"])
+  assert out.returncode != 0
+  assert "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: config.kat.window=64: longer than max_new_tokens=16; lower kat.window or raise "
+      "max_new_tokens.")
