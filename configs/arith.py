@@ -17,11 +17,11 @@ from kat_jax.config import defaults
 
 def get_config(arg: str | None = None):
   c = defaults()
-  c.steps = 60
+  c.steps = 400
   c.prompts_per_step = 16
   c.samples_per_prompt = 4
   c.max_new_tokens = 48
-  c.optim.learning_rate = 1e-3
+  c.optim.learning_rate = 1e-4
   c.optim.total_steps = c.steps
   c.optim.warmup_steps = 5
   c.kat.window = 4
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
   c.kat.spike_gate = True
   c.kat.spike_tau = 2.0
   c.threshold.warmup_steps = 3
-  c.checkpoint_every = 20
+  c.checkpoint_every = 100
   c.eval_size = 256
   if arg == "vanilla":
     c.kat.mode = "none"
