@@ -3,8 +3,8 @@
 Run:      python -m kat_jax.main --config configs/arith.py --workdir /tmp/kat
 Variants: configs/arith.py:vanilla (KAT off), :plain (the paper's rule without the spike gate),
           :fixed (truncate every rollout at 24 tokens)
-Expected: ~? min on 2 CPU cores; ends with a table of held-out accuracy before/after, mean rollout
-          length, trap rate and tokens saved.
+Expected: ~2 min on 2 CPU cores (127 s here); ends with a table of held-out accuracy before/after
+          (0.406 -> 0.473 here), mean rollout length, trap rate and tokens saved.
 
 Teacher (1.24M params, >= 97% greedy) and student (0.33M, ~45% at temperature 1) ship in
 kat_jax/assets; configs/arith_sft.py made them. KAT settings for this task (its completions are

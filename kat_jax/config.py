@@ -21,7 +21,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | sft | smoke
+  c.mode = "train"  # train | eval | export (sft and smoke have their own configs)
   c.seed = 0
   c.student = str(ASSETS / "arith_student")  # HF model directories
   c.teacher = str(ASSETS / "arith_teacher")
@@ -82,8 +82,8 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
   """Raises ConfigError (one line: field, value, fix) for anything the run cannot do."""
   from kat_jax import hf
   _check_schema(config, defaults())
-  if config.mode != "train":
-    _fail("mode", config.mode, "this validator is for mode='train'.")
+  if config.mode not in ("train", "eval", "export"):
+    _fail("mode", config.mode, "this validator is for the train / eval / export modes.")
   for field in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
                 "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
     if config[field] < 1:

@@ -17,7 +17,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 
-MODES = ("train", "sft", "smoke")
+MODES = ("train", "eval", "export", "sft", "smoke")
 
 
 def _run(config, workdir: str) -> None:
@@ -36,7 +36,8 @@ def _run(config, workdir: str) -> None:
     from kat_jax import config as config_lib
     from kat_jax import train
     config_lib.validate(config, workdir)
-    train.train(config, workdir)
+    {"train": train.train, "eval": train.evaluate_mode, "export": train.export}[mode](config,
+                                                                                    workdir)
 
 
 def main(argv):

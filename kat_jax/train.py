@@ -111,6 +111,58 @@ def _state_tree(run: Run, opt_state, th_state):
   return dict(params=nnx.state(run.student, nnx.Param), opt_state=opt_state, threshold=th_state)
 
 
+def _manager(run: Run, create: bool = True):
+  return ocp.CheckpointManager(
+      (run.workdir / "checkpoints").resolve(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=run.config.keep_checkpoints,
+                                           create=create))
+
+
+def _restore(run: Run, manager, step, opt_state, th_state):
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(run, opt_state, th_state))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  nnx.update(run.student, restored["state"]["params"])
+  return restored["state"]["opt_state"], restored["state"]["threshold"], restored["meta"]
+
+
+def _load_latest(config, workdir) -> tuple[Run, int | None]:
+  """The run with the student's params from the latest checkpoint in workdir (if any)."""
+  run = setup(config, workdir)
+  if not (run.workdir / "checkpoints").is_dir():
+    return run, None
+  manager = _manager(run, create=False)
+  step = manager.latest_step()
+  if step is not None:
+    _, s_params = nnx.split(run.student, nnx.Param)
+    _restore(run, manager, step, run.tx.init(s_params), threshold.init())
+  return run, step
+
+
+def export(config, workdir) -> Path:
+  """mode=export: the latest checkpoint's student as a Hugging Face directory, DIR/export."""
+  run, step = _load_latest(config, workdir)
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}; train first "
+                            "(mode=train) with the same --workdir.")
+  out = hf.save(run.student, run.s_cfg, run.workdir / "export", tokenizer_dir=config.student,
+                overwrite=True)
+  print(f"exported step {step} to {out}")
+  return out
+
+
+def evaluate_mode(config, workdir) -> dict:
+  """mode=eval: held-out accuracy of the latest checkpoint (or config.student if none)."""
+  run, step = _load_latest(config, workdir)
+  report = dict(step=step, model=config.student if step is None else "checkpoint",
+                **evaluate(run, config.eval_size, jax.random.fold_in(jax.random.key(config.seed),
+                                                                     2**31)))
+  run.workdir.mkdir(parents=True, exist_ok=True)
+  (run.workdir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+  print(json.dumps(report))
+  return report
+
+
 def train(config, workdir) -> dict:
   """The main job. Returns the final summary (also printed as a table)."""
   run = setup(config, workdir)
@@ -120,19 +172,12 @@ def train(config, workdir) -> dict:
   t_graph, t_params = nnx.split(run.teacher)
   opt_state = run.tx.init(s_params)
   th_state = threshold.init()
-  manager = ocp.CheckpointManager(
-      (run.workdir / "checkpoints").resolve(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+  manager = _manager(run)
   start_step, meta = 0, {"consecutive_skips": 0}
   latest = manager.latest_step()
   if latest is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                            _state_tree(run, opt_state, th_state))
-    restored = manager.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    nnx.update(run.student, restored["state"]["params"])
-    opt_state, th_state = restored["state"]["opt_state"], restored["state"]["threshold"]
-    start_step, meta = latest, restored["meta"]
+    opt_state, th_state, meta = _restore(run, manager, latest, opt_state, th_state)
+    start_step = latest
     print(f"resumed from {run.workdir / 'checkpoints'} at step {latest}", flush=True)
 
   key = jax.random.key(config.seed)

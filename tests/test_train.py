@@ -163,3 +163,24 @@ def test_main_reports_bad_config_in_one_line_without_traceback(models, tmp_path)
   assert out.stderr.strip().splitlines()[-1] == (
       "error: config.kat.window=64: longer than max_new_tokens=16; lower kat.window or raise "
       "max_new_tokens.")
+
+
+def test_eval_and_export_modes_use_the_latest_checkpoint(models, tmp_path):
+  spec = f"tests/tiny_config.py:{models[0]},{models[1]},2"
+  workdir = tmp_path / "run"
+  out = _main(["--config", spec, "--workdir", str(workdir), "--config.mode=export"])
+  assert out.returncode != 0 and "no checkpoint" in out.stderr.splitlines()[-1]
+  assert _main(["--config", spec, "--workdir", str(workdir)]).returncode == 0
+  trained = {n: hf._read_tensor(i).tobytes() for n, i in
+             hf._read_header(workdir / "export" / "model.safetensors").items()}
+  import shutil
+  shutil.rmtree(workdir / "export")
+  out = _main(["--config", spec, "--workdir", str(workdir), "--config.mode=export"])
+  assert out.returncode == 0, out.stderr[-2000:]
+  again = {n: hf._read_tensor(i).tobytes() for n, i in
+           hf._read_header(workdir / "export" / "model.safetensors").items()}
+  assert again == trained  # the checkpoint's params, not the initial student's
+  out = _main(["--config", spec, "--workdir", str(workdir), "--config.mode=eval"])
+  assert out.returncode == 0, out.stderr[-2000:]
+  report = json.loads((workdir / "eval.json").read_text())
+  assert report["step"] == 2 and 0.0 <= report["accuracy"] <= 1.0
