@@ -88,8 +88,9 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
                 "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
     if config[field] < 1:
       _fail(field, config[field], "must be >= 1.")
-  if config.eval_size < 0 or config.eval_every < 0:
-    _fail("eval_size", config.eval_size, "eval_size and eval_every must be >= 0.")
+  for field in ("eval_size", "eval_every"):
+    if config[field] < 0:
+      _fail(field, config[field], "must be >= 0 (0 turns it off).")
   batch = config.prompts_per_step * config.samples_per_prompt
   if batch % jax.device_count():
     _fail("prompts_per_step", config.prompts_per_step,

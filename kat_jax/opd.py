@@ -76,7 +76,7 @@ class LossConfig:
 def training_batch(prompt_BxP, start_B, result: RolloutResult):
   """Sequences [B, P + T], their attention mask, and where the generated logits sit."""
   seq = jnp.concatenate([prompt_BxP, result.tokens_BxT], axis=1)
-  b, p = prompt_BxP.shape
+  p = prompt_BxP.shape[1]
   t = result.tokens_BxT.shape[1]
   in_prompt = jnp.arange(p)[None, :] >= start_B[:, None]
   in_gen = jnp.arange(t)[None, :] < result.length_B[:, None]

@@ -81,7 +81,6 @@ def train(config, workdir: str) -> dict:
   import time
   from pathlib import Path
 
-  import numpy as np
 
   from kat_jax import hf
   from kat_jax.data import arith, sources
@@ -101,7 +100,6 @@ def train(config, workdir: str) -> dict:
                                          config.steps, config.learning_rate * 0.1),
       weight_decay=config.weight_decay))
   opt_state = tx.init(params)
-  train_src = sources.ArithSource(seed=config.seed, n_ops=config.n_ops, split="train")
   eval_src = sources.ArithSource(seed=config.seed + 1, n_ops=config.n_ops, split="eval")
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)

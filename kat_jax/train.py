@@ -20,8 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from kat_jax import hf, kat, opd, rollout, threshold
-from kat_jax.config import ConfigError, rollout_config, threshold_config
+from kat_jax import hf, opd, rollout, threshold
+from kat_jax.config import rollout_config, threshold_config
 
 
 class TrainingStopped(RuntimeError):

@@ -128,6 +128,7 @@ def test_eos_is_trained_when_pad_equals_eos():
   eos = pad = 0
   tokens = np.array([[4, 5, eos, pad, pad], [3, eos, pad, pad, pad]])
   length = np.array([3, 2])  # EOS included
+  assert not (tokens != pad)[0, 2], "an id-based mask would drop this EOS: masks come from lengths"
   mask = np.asarray(losses.token_mask(jnp.asarray(length), 5))
   assert mask.tolist() == [[True, True, True, False, False], [True, True, False, False, False]]
   s, t, _, _, _, _, _ = _inputs(4)

@@ -1,6 +1,5 @@
 """SFT loss against a numpy cross-entropy, and a few steps that learn the arithmetic format."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
