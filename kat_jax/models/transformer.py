@@ -148,14 +148,21 @@ class Attention(nnx.Module):
       values_BxKxSxD = jax.lax.dynamic_update_slice(cache_v, v_BxKxTxD.astype(cache_v.dtype), idx)
 
     b, t = x.shape[:2]
-    q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
+    k, g, d = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    # Queries as [B, K, G*T, D]: batch dims leading and contracting dims last, the layout XLA's
+    # dot emitter wants; the 5-D 'btkgd,bksd->bkgts' einsum made XLA CPU transpose the [.., T, S]
+    # scores around the softmax (measured: attention fwd 7.4 -> 4.4 ms, fwd+bwd 31 -> 26 ms).
+    q_BxKxQxD = q_BxTxHxD.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
     # Scores and softmax in fp32 even when computing in bf16.
-    scores = jnp.einsum("btkgd,bksd->bkgts", q_BxTxKxGxD, keys_BxKxSxD.astype(dt),
-                        preferred_element_type=jnp.float32) * (cfg.head_dim ** -0.5)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out_BxTxKxGxD = jnp.einsum("bkgts,bksd->btkgd", probs, values_BxKxSxD.astype(dt))
-    out_BxTxHxD = out_BxTxKxGxD.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    scores_BxKxQxS = jnp.einsum("bkqd,bksd->bkqs", q_BxKxQxD, keys_BxKxSxD.astype(dt),
+                                preferred_element_type=jnp.float32) * (d ** -0.5)
+    s = scores_BxKxQxS.shape[-1]
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None],
+                                 scores_BxKxQxS.reshape(b, k, g, t, s), _MASK_VALUE)
+    probs_BxKxQxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dt).reshape(b, k, g * t, s)
+    out_BxKxQxD = jnp.einsum("bkqs,bksd->bkqd", probs_BxKxQxS, values_BxKxSxD.astype(dt))
+    out_BxTxHxD = out_BxKxQxD.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4).reshape(
+        b, t, cfg.num_heads, d)
     out_BxTxE = _dense(out_BxTxHxD, self.o_proj[...].astype(dt), n_in=2)
     if cfg.o_bias:
       out_BxTxE = out_BxTxE + self.o_bias[...].astype(dt)[None, None]
