@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     "tqdm>=4.66",
+    "math-verify==0.9.0",  # answer equivalence for evaluation (sympy; run in worker processes)
+    "jinja2>=3.1",  # chat templates, rendered as transformers does
 ]
 
 EXTRAS = {
@@ -35,6 +37,9 @@ EXTRAS = {
         "torch==2.13.0",
         "transformers==5.24.0",
     ],
+    # Benchmarks from the Hugging Face hub (online) and the plots of docs/results.md.
+    "hub": ["datasets>=3"],
+    "plot": ["matplotlib==3.11.2"],
     "tpu": ["jax[tpu]==0.10.2"],
     "cuda12": ["jax[cuda12]==0.10.2"],
 }

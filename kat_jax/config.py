@@ -13,7 +13,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from kat_jax import kat, rollout, threshold
+from kat_jax import evaluate, kat, rollout, threshold
+from kat_jax.data import benchmarks
 from kat_jax.models.config import ConfigError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -48,7 +49,13 @@ def defaults() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.max_consecutive_skips = 5
   c.eval_every = 0  # 0 = only before and after
-  c.eval_size = 256
+  c.eval_size = 256  # problems per benchmark (training: 0 turns evaluation off; mode=eval: 0 = all)
+  # Evaluation (kat_jax.evaluate): benchmarks are comma-separated specs, see
+  # kat_jax/data/benchmarks.py ('arith', 'math500', 'aime24=/data/aime24.jsonl', 'my.jsonl').
+  # max_new_tokens 0 = the training max_new_tokens.
+  c.eval = ml_collections.ConfigDict(dict(
+      benchmarks="arith", n=4, k=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=0,
+      batch_size=256, workers=2, bootstrap=1000, chat_template=True))
   c.export = True
   return c
 
@@ -105,6 +112,14 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     _fail("kat.random_lengths", list(config.kat.random_lengths),
           "mode='random' needs a list of positive lengths to draw cut points from (e.g. KAT's "
           "trained lengths from metrics.jsonl).")
+  try:
+    specs = benchmarks.parse_specs(config.eval.benchmarks)
+  except ValueError as e:
+    _fail("eval.benchmarks", config.eval.benchmarks, str(e))
+  for name, path in specs:
+    if path is not None and not Path(path).is_file():
+      _fail("eval.benchmarks", config.eval.benchmarks,
+            f"benchmark file {path!r} ({name}) does not exist; give an existing JSONL file.")
   if config.data.source not in ("arith", "jsonl"):
     _fail("data.source", config.data.source, "use 'arith' or 'jsonl'.")
   if config.data.source == "jsonl" and not Path(config.data.path).is_file():
@@ -116,16 +131,19 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     from kat_jax import opd
     opd.OptimConfig(**config.optim)
     opd.LossConfig(**config.loss)
+    eval_config(config)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
   if check_models:
-    for field in ("student", "teacher"):
+    # mode=eval samples from the student alone: no teacher needed.
+    for field in ("student",) if config.mode == "eval" else ("student", "teacher"):
       path = Path(config[field])
       if not (path / "config.json").is_file():
         _fail(field, config[field], "not a Hugging Face model directory (no config.json); give "
               "the path of a local model directory.")
     try:
-      hf.check_compatible(config.student, config.teacher)
+      if config.mode != "eval":
+        hf.check_compatible(config.student, config.teacher)
     except ValueError as e:
       raise ConfigError(f"config.student / config.teacher: {e}") from None
   if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
@@ -145,3 +163,11 @@ def rollout_config(config, eos_ids, pad_id, vocab_size) -> rollout.RolloutConfig
 
 def threshold_config(config) -> threshold.ThresholdConfig:
   return threshold.ThresholdConfig(**config.threshold)
+
+
+def eval_config(config) -> evaluate.EvalConfig:
+  e = config.eval
+  return evaluate.EvalConfig(
+      n=e.n, k=e.k, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
+      max_new_tokens=e.max_new_tokens or config.max_new_tokens, batch_size=e.batch_size,
+      workers=e.workers, bootstrap=e.bootstrap)

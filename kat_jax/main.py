@@ -55,7 +55,8 @@ def main(argv):
           FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   except ValueError as e:  # raised by config dataclasses; one line, no traceback
-    if str(e).startswith(("config.", "kat.", "sampling", "loss.", "optim.", "threshold.")):
+    if str(e).startswith(("config.", "kat.", "sampling", "loss.", "optim.", "threshold.",
+                            "eval.")):
       sys.exit(f"error: {e}")
     raise
 

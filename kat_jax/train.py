@@ -20,8 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from kat_jax import evaluate as evaluate_lib
 from kat_jax import hf, opd, rollout, threshold
-from kat_jax.config import rollout_config, threshold_config
+from kat_jax.config import eval_config, rollout_config, threshold_config
+from kat_jax.models.config import ConfigError
 
 
 class TrainingStopped(RuntimeError):
@@ -41,7 +43,8 @@ class Run:
   pad_id: int
   tokenizer: object
   source: object
-  eval_source: object
+  benchmarks: list  # kat_jax.data.benchmarks.Benchmark, loaded at setup
+  eval_cfg: object  # kat_jax.evaluate.EvalConfig
   tx: object
   loss_cfg: opd.LossConfig
   rollout_cfg: rollout.RolloutConfig
@@ -62,21 +65,38 @@ def _source(data_cfg, split: str):
   return sources.JsonlSource(path, seed=data_cfg.seed)
 
 
-def setup(config, workdir) -> Run:
-  compat = hf.check_compatible(config.student, config.teacher)
+def setup(config, workdir, with_teacher: bool = True) -> Run:
+  """Models, tokenizer, data and the static configs; `with_teacher=False` for evaluation only."""
+  from kat_jax.data import benchmarks as bench_lib
   dtype = config.dtype or None
   student, s_cfg = hf.load(config.student, dtype=dtype)
-  teacher, _ = hf.load(config.teacher, dtype=dtype)
+  if with_teacher:  # the shared vocabulary and EOS ids, checked before any weight loads
+    compat = hf.check_compatible(config.student, config.teacher)
+    teacher, _ = hf.load(config.teacher, dtype=dtype)
+    vocab_size, eos_ids = compat.vocab_size, compat.eos_token_ids
   tokenizer = _tokenizer(Path(config.student))
-  pad_id = s_cfg.pad_token_id if s_cfg.pad_token_id is not None else compat.eos_token_ids[0]
+  if not with_teacher:
+    # Sample only ids the tokenizer has (checkpoints often pad the embedding past it).
+    teacher, eos_ids = None, tuple(s_cfg.eos_token_ids)
+    vocab_size = min(s_cfg.vocab_size, max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1)
+  pad_id = s_cfg.pad_token_id if s_cfg.pad_token_id is not None else eos_ids[0]
+  # Benchmarks load before anything compiles: a missing file or set fails fast.
+  train_eval = config.mode == "eval" or (config.mode == "train" and config.eval_size > 0)
+  try:
+    benches = [bench_lib.load(spec, limit=config.eval_size, model_dir=config.student,
+                              use_chat_template=config.eval.chat_template,
+                              arith_seed=config.data.seed, arith_ops=config.data.n_ops)
+               for spec in bench_lib.parse_specs(config.eval.benchmarks)] if train_eval else []
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config.eval.benchmarks={config.eval.benchmarks!r}: {e}") from None
   return Run(
       config=config, workdir=Path(workdir), student=student, teacher=teacher, s_cfg=s_cfg,
-      vocab_size=compat.vocab_size, eos_ids=compat.eos_token_ids, pad_id=pad_id,
-      tokenizer=tokenizer, source=_source(config.data, "train"),
-      eval_source=_source(config.data, "eval"),
+      vocab_size=vocab_size, eos_ids=eos_ids, pad_id=pad_id,
+      tokenizer=tokenizer, source=_source(config.data, "train"), benchmarks=benches,
+      eval_cfg=eval_config(config),
       tx=opd.make_optimizer(opd.OptimConfig(**config.optim)),
-      loss_cfg=opd.LossConfig(vocab_size=compat.vocab_size, **config.loss),
-      rollout_cfg=rollout_config(config, compat.eos_token_ids, pad_id, compat.vocab_size),
+      loss_cfg=opd.LossConfig(vocab_size=vocab_size, **config.loss),
+      rollout_cfg=rollout_config(config, eos_ids, pad_id, vocab_size),
       threshold_cfg=threshold_config(config))
 
 
@@ -85,26 +105,11 @@ def _encode(run: Run, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
   return rollout.pad_prompts(ids, run.pad_id)
 
 
-def _decode(run: Run, tokens: np.ndarray, length: int) -> str:
-  ids = [int(t) for t in tokens[:length] if int(t) not in run.eos_ids]
-  return run.tokenizer.decode(ids)
-
-
-def evaluate(run: Run, n: int, key) -> dict:
-  """Held-out accuracy of the current student (sampled at the rollout temperature)."""
-  from kat_jax.data import arith
-  from kat_jax.evaluate import extract_boxed
-  problems = run.eval_source.batch(0, n)
-  prompt, start = _encode(run, [p for p, _ in problems])
-  tokens, length = rollout.generate(
-      run.student, prompt, start, key, max_new_tokens=run.config.max_new_tokens,
-      eos_ids=run.eos_ids, pad_id=run.pad_id, vocab_size=run.vocab_size,
-      sampling=run.rollout_cfg.sampling)
-  tokens, length = np.asarray(tokens), np.asarray(length)
-  texts = [_decode(run, t, int(n_)) for t, n_ in zip(tokens, length)]
-  correct = [arith.score(t, a) if run.config.data.source == "arith"
-             else extract_boxed(t) == a.strip() for t, (_, a) in zip(texts, problems)]
-  return dict(accuracy=float(np.mean(correct)), mean_length=float(np.mean(length)))
+def evaluate(run: Run, key) -> dict:
+  """The eval report (kat_jax.evaluate) of the current student on the run's benchmarks."""
+  return evaluate_lib.evaluate(run.student, run.tokenizer, run.benchmarks, run.eval_cfg, key,
+                               eos_ids=run.eos_ids, pad_id=run.pad_id,
+                               vocab_size=run.vocab_size, seed=run.config.seed)
 
 
 def _state_tree(run: Run, opt_state, th_state):
@@ -127,8 +132,8 @@ def _restore(run: Run, manager, step, opt_state, th_state):
 
 
 def _load_latest(config, workdir) -> tuple[Run, int | None]:
-  """The run with the student's params from the latest checkpoint in workdir (if any)."""
-  run = setup(config, workdir)
+  """The student (no teacher) with its params from the latest checkpoint in workdir (if any)."""
+  run = setup(config, workdir, with_teacher=False)
   if not (run.workdir / "checkpoints").is_dir():
     return run, None
   manager = _manager(run, create=False)
@@ -152,14 +157,16 @@ def export(config, workdir) -> Path:
 
 
 def evaluate_mode(config, workdir) -> dict:
-  """mode=eval: held-out accuracy of the latest checkpoint (or config.student if none)."""
+  """mode=eval: the latest checkpoint in workdir (or the HF directory config.student if there is
+  none) on config.eval.benchmarks; writes DIR/eval.json and prints the table."""
   run, step = _load_latest(config, workdir)
-  report = dict(step=step, model=config.student if step is None else "checkpoint",
-                **evaluate(run, config.eval_size, jax.random.fold_in(jax.random.key(config.seed),
-                                                                     2**31)))
+  report = evaluate(run, jax.random.fold_in(jax.random.key(config.seed), 2**31))
+  report = dict(model=config.student if step is None else str(run.workdir / "checkpoints"),
+                step=step, **report)
   run.workdir.mkdir(parents=True, exist_ok=True)
   (run.workdir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-  print(json.dumps(report))
+  print(f"\nkat_jax eval of {report['model']}" + (f" (step {step})" if step is not None else ""))
+  print(evaluate_lib.format_table(report))
   return report
 
 
@@ -183,10 +190,11 @@ def train(config, workdir) -> dict:
   key = jax.random.key(config.seed)
   metrics_file = open(run.workdir / "metrics.jsonl", "a")
   writer = _tensorboard(run.workdir)
-  before = evaluate(run, config.eval_size, jax.random.fold_in(key, 2**31)) if (
-      start_step == 0 and config.eval_size) else None
+  eval_key = jax.random.fold_in(key, 2**31)  # the same draws before and after: a paired comparison
+  before = evaluate(run, eval_key) if (start_step == 0 and run.benchmarks) else None
   if before:
-    _log(metrics_file, writer, 0, {f"eval/{k}": v for k, v in before.items()})
+    _log(metrics_file, writer, 0, {f"eval/{k}": v
+                                   for k, v in evaluate_lib.flat_metrics(before).items()})
   totals = dict(generated=0, trained=0, rows=0, terminated=0, saved=0)
   per_step = config.prompts_per_step * config.samples_per_prompt
   progress = _progress(config.steps, start_step)
@@ -235,9 +243,9 @@ def train(config, workdir) -> dict:
           f"step {step + 1}: {skips} consecutive non-finite updates (loss {m['loss']}); stopped "
           f"without saving. The last good checkpoint is step {manager.latest_step()} in "
           f"{run.workdir / 'checkpoints'}; lower optim.learning_rate or check the models.")
-    if config.eval_every and (step + 1) % config.eval_every == 0 and config.eval_size:
-      rec.update({f"eval/{k}": v for k, v in evaluate(run, config.eval_size,
-                                                       jax.random.fold_in(step_key, 2)).items()})
+    if config.eval_every and (step + 1) % config.eval_every == 0 and run.benchmarks:
+      report = evaluate(run, jax.random.fold_in(step_key, 2))
+      rec.update({f"eval/{k}": v for k, v in evaluate_lib.flat_metrics(report).items()})
     _log(metrics_file, writer, step + 1, rec)
     progress.update(1)
     progress.set_postfix(loss=f"{rec['loss']:.3f}", kl=f"{rec['kl']:.3f}",
@@ -249,15 +257,18 @@ def train(config, workdir) -> dict:
                                   "data_position": (step + 1) * config.prompts_per_step})))
   manager.wait_until_finished()
   progress.close()
-  after = evaluate(run, config.eval_size, jax.random.fold_in(key, 2**31)) if config.eval_size else None
+  after = evaluate(run, eval_key) if run.benchmarks else None
   if after:
-    _log(metrics_file, writer, config.steps, {f"final/{k}": v for k, v in after.items()})
+    _log(metrics_file, writer, config.steps, {f"final/{k}": v
+                                              for k, v in evaluate_lib.flat_metrics(after).items()})
   metrics_file.close()
   if writer:
     writer.close()
+  k = run.eval_cfg.k
+  macro = lambda r, f: r and r["macro"][f"{f}@{k}"]  # noqa: E731
   summary = dict(
-      steps=config.steps, accuracy_before=before and before["accuracy"],
-      accuracy_after=after and after["accuracy"],
+      steps=config.steps, k=k, avg_before=macro(before, "avg"), avg_after=macro(after, "avg"),
+      pass_before=macro(before, "pass"), pass_after=macro(after, "pass"),
       mean_rollout_length=totals["generated"] / max(totals["rows"], 1),
       mean_trained_length=totals["trained"] / max(totals["rows"], 1),
       trap_rate=totals["terminated"] / max(totals["rows"], 1),
@@ -295,8 +306,11 @@ def _progress(total, initial):
 
 
 def _print_table(summary, start_step):
-  rows = [("held-out accuracy before", summary["accuracy_before"]),
-          ("held-out accuracy after", summary["accuracy_after"]),
+  k = summary["k"]
+  rows = [(f"held-out avg@{k} before", summary["avg_before"]),
+          (f"held-out avg@{k} after", summary["avg_after"]),
+          (f"held-out pass@{k} before", summary["pass_before"]),
+          (f"held-out pass@{k} after", summary["pass_after"]),
           ("mean rollout length (tokens)", summary["mean_rollout_length"]),
           ("mean trained length (tokens)", summary["mean_trained_length"]),
           ("trap rate (rows stopped by KAT)", summary["trap_rate"]),

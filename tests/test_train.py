@@ -134,6 +134,11 @@ BAD = [
                                                            r"no such file"),
     (dict(kat__mode="fixed"), r"config\.kat\.mode='fixed' needs kat\.fixed_len >= 1"),
     (dict(kat__mode="random", kat__random_lengths=[]), r"config\.kat\.random_lengths=\[\]"),
+    (dict(eval__k=8), r"config\.eval\.k=8 must be between 1 and eval\.n=4"),
+    (dict(eval__benchmarks="mathh500"), r"config\.eval\.benchmarks='mathh500': unknown benchmark"),
+    (dict(eval__benchmarks="aime24=/nope/aime.jsonl"),
+     r"config\.eval\.benchmarks=.*benchmark file '/nope/aime\.jsonl' \(aime24\) does not exist"),
+    (dict(eval__temperature=-1.0), r"config\.eval\.temperature=-1\.0 must be >= 0"),
 ]
 
 
@@ -183,4 +188,5 @@ def test_eval_and_export_modes_use_the_latest_checkpoint(models, tmp_path):
   out = _main(["--config", spec, "--workdir", str(workdir), "--config.mode=eval"])
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads((workdir / "eval.json").read_text())
-  assert report["step"] == 2 and 0.0 <= report["accuracy"] <= 1.0
+  assert report["step"] == 2 and 0.0 <= report["macro"]["avg@4"] <= 1.0
+  assert report["benchmarks"]["arith"]["problems"] == 8 and "pass@4" in out.stdout
