@@ -57,6 +57,7 @@ def defaults() -> ml_collections.ConfigDict:
       benchmarks="arith", n=4, k=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=0,
       batch_size=256, workers=2, bootstrap=1000, chat_template=True))
   c.export = True
+  c.log_rollouts = False  # DIR/rollouts.jsonl: per-rollout length, trained length, cut, EOS
   return c
 
 
@@ -108,10 +109,10 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
           f"longer than max_new_tokens={config.max_new_tokens}; lower kat.window or raise "
           "max_new_tokens.")
   if config.kat.mode == "random" and (not config.kat.random_lengths
-                                      or min(config.kat.random_lengths) < 1):
-    _fail("kat.random_lengths", list(config.kat.random_lengths),
-          "mode='random' needs a list of positive lengths to draw cut points from (e.g. KAT's "
-          "trained lengths from metrics.jsonl).")
+                                      or min(config.kat.random_lengths) < 0):
+    _fail("kat.random_lengths", list(config.kat.random_lengths)[:8],
+          "mode='random' needs a non-empty list of lengths >= 0 to draw cut points from (e.g. a "
+          "KAT run's trained lengths from its rollouts.jsonl; see configs/arith_compare.py).")
   try:
     specs = benchmarks.parse_specs(config.eval.benchmarks)
   except ValueError as e:

@@ -189,6 +189,8 @@ def train(config, workdir) -> dict:
 
   key = jax.random.key(config.seed)
   metrics_file = open(run.workdir / "metrics.jsonl", "a")
+  # Per-rollout lengths and cuts (config.log_rollouts): what the random-truncation ablation matches.
+  rollouts_file = open(run.workdir / "rollouts.jsonl", "a") if config.log_rollouts else None
   writer = _tensorboard(run.workdir)
   eval_key = jax.random.fold_in(key, 2**31)  # the same draws before and after: a paired comparison
   before = evaluate(run, eval_key) if (start_step == 0 and run.benchmarks) else None
@@ -247,6 +249,11 @@ def train(config, workdir) -> dict:
       report = evaluate(run, jax.random.fold_in(step_key, 2))
       rec.update({f"eval/{k}": v for k, v in evaluate_lib.flat_metrics(report).items()})
     _log(metrics_file, writer, step + 1, rec)
+    if rollouts_file:
+      rollouts_file.write(json.dumps(dict(
+          step=step + 1, length=res.length_B.tolist(), trained_len=res.trained_len_B.tolist(),
+          terminated=res.terminated_B.tolist(), eos=res.eos_B.tolist())) + "\n")
+      rollouts_file.flush()
     progress.update(1)
     progress.set_postfix(loss=f"{rec['loss']:.3f}", kl=f"{rec['kl']:.3f}",
                          trap=f"{rec['trap_rate']:.2f}", tau=f"{rec['tau']:.3g}")
@@ -262,6 +269,11 @@ def train(config, workdir) -> dict:
     _log(metrics_file, writer, config.steps, {f"final/{k}": v
                                               for k, v in evaluate_lib.flat_metrics(after).items()})
   metrics_file.close()
+  if rollouts_file:
+    rollouts_file.close()
+  for name, report in (("eval_before.json", before), ("eval_after.json", after)):
+    if report:
+      (run.workdir / name).write_text(json.dumps(report, indent=2) + "\n")
   if writer:
     writer.close()
   k = run.eval_cfg.k
@@ -277,6 +289,7 @@ def train(config, workdir) -> dict:
     hf.save(run.student, run.s_cfg, run.workdir / "export", tokenizer_dir=config.student,
             overwrite=True)
     summary["export"] = str(run.workdir / "export")
+  (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   _print_table(summary, start_step)
   return summary
 
