@@ -1,0 +1,317 @@
+"""The KAT experiment's analysis: sweep table, detector precision / recall, KL-trace plots.
+
+    python -m kat_jax.experiment --sweep DIR [--out DIR/results.md] [--student ... --teacher ...]
+
+  1. Table: every variant of a `configs/arith_compare.py` sweep, mean +- std over seeds of the
+     final avg@k / pass@k (each seed's own 95% bootstrap interval averaged alongside), trained
+     tokens per rollout, trap rate and wall-clock per step (median over steps after the first 5).
+  2. Detector study on uncut rollouts: the student samples with KAT off, the teacher scores every
+     token, and each rollout's ground truth is known -- whether it ends wrong and where its first
+     slip is (`arith.first_slip`). The KAT rules are then applied post hoc (`kat.detect_offline`,
+     the numpy twin of the in-loop rule) with the threshold the adaptive rule would set from these
+     rollouts (the `threshold.quantile` of complete window means), giving precision and recall of
+     "terminated" against "ends wrong", and how often the cut lands after the slip.
+  3. Plots (matplotlib): per-token KL of trapped and healthy rollouts with tau, slips and cuts; and
+     the mean KL aligned on the slip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from kat_jax.data import arith
+
+# ------------------------------------------------------------------------------ sweep table
+
+
+def _records(path: Path) -> list[dict]:
+  with open(path) as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  last = {}
+  for r in recs:  # a resumed run re-logs steps: keep the latest record of each
+    last[(r["step"], tuple(sorted(r)))] = r
+  return list(last.values())
+
+
+def run_stats(run_dir: Path) -> dict:
+  summary = json.loads((run_dir / "summary.json").read_text())
+  after = json.loads((run_dir / "eval_after.json").read_text())
+  before = json.loads((run_dir / "eval_before.json").read_text())
+  k = after["k"]
+  steps = [r for r in _records(run_dir / "metrics.jsonl") if "step_time" in r and r["step"] > 5]
+  return dict(avg=after["macro"][f"avg@{k}"], avg_ci=after["macro"].get(f"avg@{k}_ci"),
+              pass_=after["macro"][f"pass@{k}"], pass_ci=after["macro"].get(f"pass@{k}_ci"),
+              avg_before=before["macro"][f"avg@{k}"], pass_before=before["macro"][f"pass@{k}"],
+              trained=summary["mean_trained_length"], generated=summary["mean_rollout_length"],
+              trap=summary["trap_rate"], k=k,
+              step_time=statistics.median(r["step_time"] for r in steps) if steps else float("nan"))
+
+
+def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, dict]:
+  groups: dict[str, dict[int, dict]] = {}
+  for run_dir in sorted(sweep_dir.iterdir()):
+    m = re.fullmatch(r"s(\d+)_(\w+)", run_dir.name)
+    if m and (run_dir / "summary.json").is_file():
+      groups.setdefault(m[2], {})[int(m[1])] = run_stats(run_dir)
+  names = [n for n in (order or []) if n in groups] + sorted(set(groups) - set(order or []))
+  k = next(iter(next(iter(groups.values())).values()))["k"] if groups else 4
+  base = groups.get("vanilla", {})
+
+  def ms(xs):
+    return (f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f}" if len(xs) > 1
+            else f"{np.mean(xs):.3f}")
+
+  def half(cis):
+    cis = [c for c in cis if c]
+    return f" (±{np.mean([(c[1] - c[0]) / 2 for c in cis]):.3f})" if cis else ""
+
+  lines = [f"| variant | seeds | avg@{k} after (CI ±) | Δ avg@{k} vs vanilla | pass@{k} after (CI ±) "
+           f"| Δ pass@{k} vs vanilla | trained tokens / rollout | generated tokens / rollout "
+           f"| trap rate | s / step |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  agg = {}
+  for name in names:
+    runs = groups[name]
+    seeds = sorted(runs)
+    avg = [runs[s]["avg"] for s in seeds]
+    pas = [runs[s]["pass_"] for s in seeds]
+    d_avg = [runs[s]["avg"] - base[s]["avg"] for s in seeds if s in base]
+    d_pass = [runs[s]["pass_"] - base[s]["pass_"] for s in seeds if s in base]
+    agg[name] = dict(avg=float(np.mean(avg)), pass_=float(np.mean(pas)),
+                     d_avg=float(np.mean(d_avg)) if d_avg else None,
+                     d_pass=float(np.mean(d_pass)) if d_pass else None,
+                     trained=float(np.mean([runs[s]["trained"] for s in seeds])),
+                     step_time=float(np.mean([runs[s]["step_time"] for s in seeds])))
+    lines.append(
+        f"| {name} | {len(seeds)} | {ms(avg)}{half([runs[s]['avg_ci'] for s in seeds])} | "
+        f"{ms(d_avg) if d_avg and name != 'vanilla' else '—'} | "
+        f"{ms(pas)}{half([runs[s]['pass_ci'] for s in seeds])} | "
+        f"{ms(d_pass) if d_pass and name != 'vanilla' else '—'} | "
+        f"{np.mean([runs[s]['trained'] for s in seeds]):.1f} | "
+        f"{np.mean([runs[s]['generated'] for s in seeds]):.1f} | "
+        f"{np.mean([runs[s]['trap'] for s in seeds]):.3f} | "
+        f"{np.mean([runs[s]['step_time'] for s in seeds]):.3f} |")
+  before = [r["avg_before"] for g in groups.values() for r in g.values()]
+  pbefore = [r["pass_before"] for g in groups.values() for r in g.values()]
+  if before:
+    lines.append(f"\nBefore OPD (same student, every run's paired draws): avg@{k} "
+                 f"{np.mean(before):.3f}, pass@{k} {np.mean(pbefore):.3f}.")
+  return "\n".join(lines), agg
+
+
+# ---------------------------------------------------------------------------- detector study
+
+
+def slip_token(prompt: str, completion: str) -> int | None:
+  """Token index (in the completion) of the first wrong result character, or None."""
+  k = arith.first_slip(prompt, completion)
+  if k is None:
+    return None
+  lines = completion.split(";")
+  start = sum(len(x) + 1 for x in lines[:k])
+  m = re.fullmatch(r"(-?\d+)([+-])(\d+)=(-?\d+)", lines[k])
+  a, op, b, c = int(m[1]), m[2], int(m[3]), m[4]
+  true = str(a + b if op == "+" else a - b)
+  first = next((i for i, (x, y) in enumerate(zip(c, true)) if x != y), min(len(c), len(true)))
+  # Character-level tokenizer: one token per character of the scratchpad.
+  return start + len(m[1]) + 1 + len(m[3]) + 1 + first
+
+
+def uncut_rollouts(student_dir, teacher_dir, n_problems: int, samples: int, seed: int,
+                   max_new_tokens: int = 48, window: int = 4, batch: int = 256) -> dict:
+  """Student samples with KAT off on held-out problems; teacher-scored per-token signals."""
+  import jax
+
+  from kat_jax import hf, kat, rollout
+  student, s_cfg = hf.load(student_dir)
+  teacher, _ = hf.load(teacher_dir)
+  vocab = len(arith.VOCAB)
+  cfg = rollout.RolloutConfig(max_new_tokens=max_new_tokens, eos_ids=(arith.EOS_ID,),
+                              pad_id=arith.PAD_ID, vocab_size=vocab,
+                              kat=kat.KATConfig(mode="none", window=window))
+  source = arith.make_problem
+  problems = [source(seed + 1, i, 3, "eval") for i in range(n_problems)]
+  rows = [(p, a) for p, _, a in problems for _ in range(samples)]
+  out = {f: [] for f in ("kl", "logratio", "length", "eos", "window_mean", "window_complete")}
+  texts = []
+  for c, lo in enumerate(range(0, len(rows), batch)):
+    chunk = rows[lo:lo + batch]
+    prompt, start = rollout.pad_prompts([arith.encode(p) for p, _ in chunk], arith.PAD_ID)
+    res = jax.device_get(rollout.rollout(student, teacher, prompt, start,
+                                         jax.random.key(1000 * seed + c), cfg))
+    out["kl"].append(res.kl_BxT)
+    out["logratio"].append(res.logp_student_BxT - res.logp_teacher_BxT)
+    out["length"].append(res.length_B)
+    out["eos"].append(res.eos_B)
+    out["window_mean"].append(res.window_mean_BxN)
+    out["window_complete"].append(res.window_complete_BxN)
+    texts += [arith.decode(t[:n]) for t, n in zip(res.tokens_BxT, res.length_B)]
+  data = {f: np.concatenate(v) for f, v in out.items()}
+  data["texts"] = texts
+  data["prompts"] = [p for p, _ in rows]
+  data["correct"] = np.array([arith.score(t, a) for t, (_, a) in zip(texts, rows)])
+  data["slip"] = np.array([-1 if (s := slip_token(p, t)) is None else s
+                           for t, (p, _) in zip(texts, rows)])
+  return data
+
+
+def detector_scores(data: dict, signal: str, spike_gate: bool, quantile: float = 0.2,
+                    spike_tau: float = 2.0, window: int = 4, patience: int = 2,
+                    min_len: int = 8) -> dict:
+  from kat_jax import kat
+  sig = data[signal]
+  # The adaptive threshold from these rollouts' own complete windows (recomputed for `signal`).
+  w = window
+  n_win = sig.shape[1] // w
+  means = sig[:, :n_win * w].reshape(len(sig), n_win, w).mean(-1)
+  tau = float(np.quantile(means[data["window_complete"]], quantile))
+  cfg = kat.KATConfig(mode="kat", signal=signal, window=w, patience=patience, min_len=min_len,
+                      spike_gate=spike_gate)
+  det = kat.detect_offline(sig, data["length"], data["eos"], tau, spike_tau, cfg)
+  flagged, wrong = det["terminated"], ~data["correct"]
+  tp = flagged & wrong
+  after_slip = tp & (data["slip"] >= 0) & (det["trained_len"] >= data["slip"])
+  return dict(tau=tau, flagged=float(flagged.mean()), wrong=float(wrong.mean()),
+              precision=float(tp.sum() / max(flagged.sum(), 1)),
+              recall=float(tp.sum() / max(wrong.sum(), 1)),
+              cut_after_slip=float(after_slip.sum() / max(tp.sum(), 1)),
+              tokens_cut=float(1 - det["trained_len"].sum() / data["length"].sum()),
+              det=det)
+
+
+def detector_table(studies: dict[str, dict]) -> str:
+  lines = ["| student | rule | signal | tau | rollouts flagged | ends wrong | precision | "
+           "recall | TP cut after the slip | tokens cut |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for label, rows in studies.items():
+    for (rule, signal), s in rows.items():
+      lines.append(f"| {label} | {rule} | {signal} | {s['tau']:.2e} | {s['flagged']:.3f} | "
+                   f"{s['wrong']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} | "
+                   f"{s['cut_after_slip']:.3f} | {s['tokens_cut']:.3f} |")
+  return "\n".join(lines)
+
+
+def kl_stats(data: dict) -> str:
+  """Median per-token KL before the slip, at it, and after it (wrong rollouts) vs correct ones."""
+  kl, n = data["kl"], data["length"]
+  pre, at, post, ok = [], [], [], []
+  for r in range(len(kl)):
+    s = data["slip"][r]
+    if data["correct"][r]:
+      ok.append(kl[r, :n[r]])
+    elif s >= 0:
+      pre.append(kl[r, :s])
+      at.append(kl[r, s:s + 1])
+      post.append(kl[r, s + 1:n[r]])
+  med = lambda xs: float(np.median(np.concatenate(xs))) if xs else float("nan")  # noqa: E731
+  mean = lambda xs: float(np.mean(np.concatenate(xs))) if xs else float("nan")  # noqa: E731
+  return (f"| tokens | median KL | mean KL |\n|---|---|---|\n"
+          f"| correct rollouts | {med(ok):.2e} | {mean(ok):.2e} |\n"
+          f"| wrong rollouts, before the slip | {med(pre):.2e} | {mean(pre):.2e} |\n"
+          f"| wrong rollouts, the slip token | {med(at):.2e} | {mean(at):.2e} |\n"
+          f"| wrong rollouts, after the slip | {med(post):.2e} | {mean(post):.2e} |")
+
+
+def plot_traces(data: dict, studies: dict[str, dict], path: Path, n_each: int = 3,
+                seed: int = 0) -> None:
+  """Top: KL traces of wrong (with a slip) and correct rollouts, tau and each rule's cut points.
+  Bottom: mean / median KL aligned on the first slip of wrong rollouts."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  kl, n = data["kl"], data["length"]
+  rng = np.random.default_rng(seed)
+  flagged = np.any([s["det"]["terminated"] for s in studies.values()], axis=0)
+  wrong = np.flatnonzero(~data["correct"] & (data["slip"] >= 0))
+  # Prefer wrong rollouts that some rule cut (the trap as KAT sees it), then any wrong ones.
+  wrong = np.concatenate([rng.permutation(wrong[flagged[wrong]]),
+                          rng.permutation(wrong[~flagged[wrong]])])[:n_each]
+  right = rng.permutation(np.flatnonzero(data["correct"]))[:n_each]
+  fig, axes = plt.subplots(2, 1, figsize=(10, 7.5))
+  ax = axes[0]
+  colors = ["tab:red", "tab:orange", "tab:brown", "tab:blue", "tab:cyan", "tab:green"]
+  markers = dict(zip(studies, ["x", "+", "^", "v"]))
+  for i, r in enumerate(list(wrong) + list(right)):
+    c = colors[i % len(colors)]
+    label = ("wrong (dotted: first slip)" if i == 0 else
+             "correct" if i == len(wrong) else None)
+    ax.semilogy(np.arange(n[r]), np.maximum(kl[r, :n[r]], 1e-8), color=c, lw=1.3, label=label)
+    if data["slip"][r] >= 0:
+      ax.axvline(data["slip"][r], color=c, ls=":", lw=1.2)
+    for rule, st in studies.items():
+      if st["det"]["terminated"][r]:
+        x = int(st["det"]["trained_len"][r])
+        ax.plot(x, max(kl[r, min(x, n[r] - 1)], 1e-8), markers[rule], color="k", ms=10)
+  for rule, m in markers.items():
+    ax.plot([], [], m, color="k", label=f"cut by {rule} KAT")
+  tau = next(iter(studies.values()))["tau"]
+  ax.axhline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:.1e}")
+  ax.set_xlabel("generated token")
+  ax.set_ylabel("KL(student || teacher) per token")
+  ax.set_title("Per-token KL of uncut rollouts")
+  ax.legend(fontsize=8, ncol=2)
+  # Mean KL aligned on the slip, wrong rollouts only.
+  ax = axes[1]
+  offsets = np.arange(-12, 25)
+  rows = [r for r in range(len(kl)) if data["slip"][r] >= 0]
+  vals = [[kl[r, data["slip"][r] + o] for r in rows if 0 <= data["slip"][r] + o < n[r]]
+          for o in offsets]
+  ax.semilogy(offsets, [np.mean(v) if v else np.nan for v in vals], "r.-", label="mean")
+  ax.semilogy(offsets, [np.median(v) if v else np.nan for v in vals], "m.-", label="median")
+  ok = np.concatenate([kl[r, :n[r]] for r in range(len(kl)) if data["correct"][r]])
+  ax.axhline(np.mean(ok), color="b", ls="--", lw=1, label="mean over correct rollouts")
+  ax.axhline(np.median(ok), color="c", ls="--", lw=1, label="median over correct rollouts")
+  ax.axvline(0, color="k", ls=":", lw=1)
+  ax.set_xlabel("tokens from the first slip (wrong rollouts)")
+  ax.set_ylabel("KL per token")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> None:
+  from kat_jax.config import ASSETS
+  parser = argparse.ArgumentParser(description="KAT experiment analysis (see module docstring)")
+  parser.add_argument("--sweep", required=True, help="sweep directory (configs/arith_compare.py)")
+  parser.add_argument("--out", default="", help="markdown file (default: SWEEP/results.md)")
+  parser.add_argument("--problems", type=int, default=256)
+  parser.add_argument("--samples", type=int, default=4)
+  args = parser.parse_args(argv)
+  sweep_dir = Path(args.sweep)
+  out = Path(args.out) if args.out else sweep_dir / "results.md"
+  order = ["vanilla", "fixed", "random", "fixedtau", "plain", "spike", "logratio"]
+  table, _ = sweep_table(sweep_dir, order)
+  students = {"initial (shipped)": ASSETS / "arith_student"}
+  if (sweep_dir / "s0_vanilla" / "export").is_dir():
+    students["after vanilla OPD (s0)"] = sweep_dir / "s0_vanilla" / "export"
+  studies, stats, plot_data = {}, {}, None
+  for label, student_dir in students.items():
+    data = uncut_rollouts(student_dir, ASSETS / "arith_teacher", args.problems, args.samples, 0)
+    studies[label] = {(rule, signal): detector_scores(data, signal, gate)
+                      for rule, gate in (("plain", False), ("spike-gated", True))
+                      for signal in ("kl", "logratio")}
+    stats[label] = kl_stats(data)
+    if plot_data is None:
+      plot_data = (data, {rule: studies[label][(rule, "kl")] for rule in ("plain", "spike-gated")})
+  out.parent.mkdir(parents=True, exist_ok=True)
+  figure = out.with_name("kl_traces.png")
+  plot_traces(*plot_data, figure)
+  text = [f"## Sweep ({sweep_dir})", "", table, "",
+          f"## Detector on uncut rollouts ({args.problems} held-out problems x {args.samples})",
+          "", detector_table(studies), ""]
+  for label, s in stats.items():
+    text += [f"Per-token KL, student {label}:", "", s, ""]
+  text += [f"![KL traces]({figure.name})", ""]
+  out.write_text("\n".join(text))
+  print("\n".join(text))
+  print(f"wrote {out} and {figure}")
+
+
+if __name__ == "__main__":
+  main()
