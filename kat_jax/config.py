@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from kat_jax import evaluate, kat, rollout, threshold
+from kat_jax import evaluate, kat, rollout, sharding, threshold
 from kat_jax.data import benchmarks
 from kat_jax.models.config import ConfigError
 
@@ -39,10 +39,19 @@ def defaults() -> ml_collections.ConfigDict:
   c.threshold = ml_collections.ConfigDict(dict(
       mode="adaptive", momentum=0.9, quantile=0.2, ratio=0.5, fixed_tau=0.0, warmup_steps=5))
   # beta: jsd only, TRL convention (0 = forward KL(teacher||student), 1 = reverse KL).
-  c.loss = ml_collections.ConfigDict(dict(objective="sampled_pg", beta=0.5, temperature=1.0))
+  # microbatches: the update's rows in sequential chunks (less activation memory, same gradient).
+  c.loss = ml_collections.ConfigDict(dict(objective="sampled_pg", beta=0.5, temperature=1.0,
+                                          microbatches=1))
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=5e-5, warmup_steps=0, schedule="constant", total_steps=100, weight_decay=0.0,
       b1=0.9, b2=0.999, clip_norm=1.0, accumulation_steps=1))
+  # Device mesh (kat_jax.sharding): batch over data x fsdp, params FSDP over embed and tensor-
+  # parallel over heads / MLP / vocab. -1 = the devices left. The same code from 1 CPU to a pod.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.distributed = False  # jax.distributed.initialize() first (multi-host TPU pods / GPU clusters)
+  c.remat = False  # recompute each block in the backward pass (less activation memory)
+  c.max_prompt_len = 256  # prompt tokens (chat template included); longer prompts are an error
+  c.device_memory_gb = 0.0  # per device, for the memory plan; 0 = as the device reports (or none)
   c.rescore_student = False
   c.compact_multiple = 0
   c.checkpoint_every = 50
@@ -96,14 +105,22 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
                 "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
     if config[field] < 1:
       _fail(field, config[field], "must be >= 1.")
+  if config.max_prompt_len < 1:
+    _fail("max_prompt_len", config.max_prompt_len, "must be >= 1.")
   for field in ("eval_size", "eval_every"):
     if config[field] < 0:
       _fail(field, config[field], "must be >= 0 (0 turns it off).")
+  m = config.mesh
+  try:
+    shape = sharding.mesh_shape(m.data, m.fsdp, m.tensor)
+  except ValueError as e:
+    _fail("mesh", m.to_dict(), str(e))
   batch = config.prompts_per_step * config.samples_per_prompt
-  if batch % jax.device_count():
+  if batch % (shape[0] * shape[1] * config.loss.microbatches):
     _fail("prompts_per_step", config.prompts_per_step,
           f"the batch prompts_per_step x samples_per_prompt = {batch} must be divisible by the "
-          f"{jax.device_count()} devices.")
+          f"{shape[0] * shape[1]} batch shards (mesh data x fsdp) of the {jax.device_count()} "
+          f"devices times loss.microbatches={config.loss.microbatches}.")
   if config.kat.window > config.max_new_tokens:
     _fail("kat.window", config.kat.window,
           f"longer than max_new_tokens={config.max_new_tokens}; lower kat.window or raise "

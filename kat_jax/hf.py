@@ -268,11 +268,15 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.M
     if mesh is not None:
       names = var.get_metadata().get("out_sharding")
       target = sharding_lib.named_sharding(names, shape, mesh, rules)
+      # Each process fills only its own devices' shards (the multi-host path as well).
+      values[our_path] = jax.make_array_from_callback(shape, target, lambda idx, x=x: x[idx])
     else:
-      target = jax.devices()[0]
-    values[our_path] = jax.device_put(x, target)
+      values[our_path] = jax.device_put(x, jax.devices()[0])
   state = nnx.from_flat_state([(p, flat[p].replace(values[p])) for p in flat])
-  return nnx.merge(graphdef, state), cfg
+  model = nnx.merge(graphdef, state)
+  if mesh is not None:
+    model.act_sharding = sharding_lib.batch_sharding(mesh, 3, rules)
+  return model, cfg
 
 
 def _head(names: list[str], n: int = 5) -> str:

@@ -24,6 +24,10 @@ def _run(config, workdir: str) -> None:
   mode = config.get("mode", None)
   if mode not in MODES:
     raise ValueError(f"config.mode={mode!r} is not one of {MODES}; set --config.mode.")
+  if config.get("distributed", False):
+    # Multi-host (TPU pod slice, GPU cluster): must precede any use of the devices. On TPU VMs
+    # and SLURM / Open MPI clusters the coordinator and process ids are found automatically.
+    jax.distributed.initialize()
   logging.info("JAX %s, %d %s device(s), %d process(es)", jax.__version__, jax.device_count(),
                jax.default_backend(), jax.process_count())
   if mode == "smoke":

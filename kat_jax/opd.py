@@ -64,8 +64,13 @@ class LossConfig:
   beta: float = 0.5  # jsd only (TRL convention: 0 = forward KL, 1 = reverse KL)
   temperature: float = 1.0  # see kat_jax.losses
   vocab_size: int = 0  # shared vocabulary (logits are sliced to it)
+  # Rows of the batch go through the forward / backward in this many sequential chunks (a scan
+  # that sums their gradients): activation memory / microbatches, the same loss and gradient.
+  microbatches: int = 1
 
   def __post_init__(self):
+    if self.microbatches < 1:
+      raise ValueError(f"loss.microbatches={self.microbatches} must be >= 1.")
     if self.objective not in losses.OBJECTIVES:
       raise ValueError(f"loss.objective={self.objective!r}; use one of {losses.OBJECTIVES}.")
     if not 0 <= self.beta <= 1 or self.temperature <= 0:
@@ -111,8 +116,26 @@ def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
   """Returns (new params, new optimizer state, metrics); skips the update if non-finite."""
   teacher = nnx.merge(t_graph, t_params)
   num_tokens = jnp.sum(result.loss_mask_BxT)
-  loss, grads = jax.value_and_grad(_loss)(s_params, s_graph, teacher, prompt_BxP, start_B,
-                                          result, cfg, num_tokens)
+  grad_fn = jax.value_and_grad(_loss)
+  m = cfg.microbatches
+  if m == 1:
+    loss, grads = grad_fn(s_params, s_graph, teacher, prompt_BxP, start_B, result, cfg, num_tokens)
+  else:
+    # Every chunk's loss is already normalised by the whole batch's trained tokens, so the sums
+    # over chunks are exactly the full-batch loss and gradient.
+    if prompt_BxP.shape[0] % m:
+      raise ValueError(f"loss.microbatches={m} must divide the batch of {prompt_BxP.shape[0]} "
+                       "rows.")
+    split = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])  # noqa: E731
+    chunks = jax.tree.map(split, (prompt_BxP, start_B, result))
+
+    def body(carry, chunk):
+      loss_sum, grad_sum = carry
+      l, g = grad_fn(s_params, s_graph, teacher, *chunk, cfg, num_tokens)
+      return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, s_params)
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), chunks)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # Zeroed grads keep the optimizer math finite on the skipped branch; its result is discarded.

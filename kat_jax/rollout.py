@@ -33,6 +33,7 @@ from flax import nnx
 
 from kat_jax import kat as kat_lib
 from kat_jax.models import KVCache, Transformer
+from kat_jax.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +354,7 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
     min_live = smaller[0] if smaller else 0
     state = _decode_loop(s_graph, s_params, t_graph, t_params, state, jnp.int32(min_live),
                          cfg=cfg)
-    done = np.asarray(state.done_B)
+    done = np.asarray(to_host(state.done_B))  # every process takes the same compaction decision
     live = int((~done).sum())
     if live == 0 or int(state.step) >= cfg.buffer_len:
       break

@@ -79,6 +79,7 @@ def shard_model(model, mesh: Mesh, rules=DEFAULT_RULES):
 
   state = nnx.state(model)
   nnx.update(model, jax.device_put(state, param_shardings(state, mesh, rules)))
+  model.act_sharding = batch_sharding(mesh, 3, rules)
   return model
 
 
@@ -94,3 +95,43 @@ def batch_shards(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   spec = batch_sharding(mesh, 1, rules).spec[0]
   spec = (spec,) if isinstance(spec, str) else (spec or ())
   return int(np.prod([mesh.shape[a] for a in spec]))
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int | None = None) -> tuple:
+  """Resolves one -1 entry of (data, fsdp, tensor) to the devices left; checks the product."""
+  n = jax.device_count() if n_devices is None else n_devices
+  shape = [data, fsdp, tensor]
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: at most one axis may be -1.")
+  if any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: sizes must be >= 1 (or -1).")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if n % known:
+      raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: {n} devices are not a "
+                       f"multiple of {known}.")
+    shape[shape.index(-1)] = n // known
+  if int(np.prod(shape)) != n:
+    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)} has {int(np.prod(shape))} "
+                     f"devices but {n} are available; make the product {n} or use -1.")
+  return tuple(shape)
+
+
+def put_batch(x, mesh: Mesh, rules=DEFAULT_RULES):
+  """A host array (the same full batch on every process) as a batch-sharded global array.
+
+  Each process materialises only the shards of its own devices, so this is also the multi-host
+  path: per-host data loading without any process holding device memory for others' rows.
+  """
+  x = np.asarray(x)
+  sharding = batch_sharding(mesh, x.ndim, rules)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(tree):
+  """numpy copies of every array in `tree`, gathered across processes when sharded over hosts."""
+  leaves = jax.tree.leaves(tree)
+  if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -124,6 +124,8 @@ def main(argv=None) -> None:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--only", default="", help="comma-separated point names")
   parser.add_argument("--list", action="store_true", help="print the point names and exit")
+  parser.add_argument("--distributed", action="store_true",
+                      help="jax.distributed.initialize() first (every worker of a pod slice)")
   args = parser.parse_args(argv)
   path, _, arg = args.config.partition(":")
   if args.list:
@@ -131,6 +133,9 @@ def main(argv=None) -> None:
       print(point_name(p))
     return
   from kat_jax.models import ConfigError
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()
   try:
     run_local(path, args.workdir, arg or None,
               only={s for s in args.only.split(",") if s} or None)

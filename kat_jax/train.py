@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from kat_jax import evaluate as evaluate_lib
-from kat_jax import hf, opd, rollout, threshold
+from kat_jax import hf, memory, opd, rollout, sharding, threshold
 from kat_jax.config import eval_config, rollout_config, threshold_config
 from kat_jax.models.config import ConfigError
 
@@ -45,6 +45,7 @@ class Run:
   source: object
   benchmarks: list  # kat_jax.data.benchmarks.Benchmark, loaded at setup
   eval_cfg: object  # kat_jax.evaluate.EvalConfig
+  mesh: object  # jax.sharding.Mesh (data, fsdp, tensor)
   tx: object
   loss_cfg: opd.LossConfig
   rollout_cfg: rollout.RolloutConfig
@@ -69,11 +70,26 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   """Models, tokenizer, data and the static configs; `with_teacher=False` for evaluation only."""
   from kat_jax.data import benchmarks as bench_lib
   dtype = config.dtype or None
-  student, s_cfg = hf.load(config.student, dtype=dtype)
+  shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  if with_teacher:
+    # The per-device memory plan, before any weight loads or anything compiles: a run that
+    # cannot fit stops here with a mesh that does (kat_jax/memory.py).
+    gb = config.device_memory_gb
+    plan = memory.check(config, shape, jax.device_count(),
+                        gb * memory.GiB if gb else memory.device_memory_bytes(),
+                        accelerator=jax.default_backend() != "cpu")
+    if _main_process():
+      print(plan.table(), flush=True)
+  mesh = sharding.make_mesh(shape)
   if with_teacher:  # the shared vocabulary and EOS ids, checked before any weight loads
     compat = hf.check_compatible(config.student, config.teacher)
-    teacher, _ = hf.load(config.teacher, dtype=dtype)
+  # Each tensor goes straight to its place on the mesh; the teacher holds params only (no
+  # optimizer state, nothing kept for a backward pass): its inference layout.
+  student, s_cfg = hf.load(config.student, dtype=dtype, mesh=mesh)
+  if with_teacher:
+    teacher, _ = hf.load(config.teacher, dtype=dtype, mesh=mesh)
     vocab_size, eos_ids = compat.vocab_size, compat.eos_token_ids
+  student.remat = config.remat
   tokenizer = _tokenizer(Path(config.student))
   if not with_teacher:
     # Sample only ids the tokenizer has (checkpoints often pad the embedding past it).
@@ -93,16 +109,31 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
       config=config, workdir=Path(workdir), student=student, teacher=teacher, s_cfg=s_cfg,
       vocab_size=vocab_size, eos_ids=eos_ids, pad_id=pad_id,
       tokenizer=tokenizer, source=_source(config.data, "train"), benchmarks=benches,
-      eval_cfg=eval_config(config),
+      eval_cfg=eval_config(config), mesh=mesh,
       tx=opd.make_optimizer(opd.OptimConfig(**config.optim)),
       loss_cfg=opd.LossConfig(vocab_size=vocab_size, **config.loss),
       rollout_cfg=rollout_config(config, eos_ids, pad_id, vocab_size),
       threshold_cfg=threshold_config(config))
 
 
-def _encode(run: Run, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _encode(run: Run, prompts: list[str]):
+  """Left-padded prompts and pad counts, batch-sharded over the mesh (every process encodes the
+  same global batch -- a pure function of the data position -- and keeps its devices' rows)."""
   ids = [run.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
-  return rollout.pad_prompts(ids, run.pad_id)
+  longest = max(len(i) for i in ids)
+  if longest > run.config.max_prompt_len:
+    raise ConfigError(f"config.max_prompt_len={run.config.max_prompt_len}: a prompt of the data "
+                      f"has {longest} tokens ({prompts[int(np.argmax([len(i) for i in ids]))][:60]!r}"
+                      "...); raise max_prompt_len (the memory plan uses it) or shorten the data.")
+  # Power-of-two buckets (few compiles), never past the planned max_prompt_len.
+  length = min(rollout.bucket_length(longest), run.config.max_prompt_len)
+  prompt, start = rollout.pad_prompts(ids, run.pad_id, length)
+  return sharding.put_batch(prompt, run.mesh), sharding.put_batch(start, run.mesh)
+
+
+def _main_process() -> bool:
+  """Only process 0 writes logs, reports and exports; checkpoints are written by all."""
+  return jax.process_index() == 0
 
 
 def evaluate(run: Run, key) -> dict:
@@ -150,9 +181,9 @@ def export(config, workdir) -> Path:
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}; train first "
                             "(mode=train) with the same --workdir.")
-  out = hf.save(run.student, run.s_cfg, run.workdir / "export", tokenizer_dir=config.student,
-                overwrite=True)
-  print(f"exported step {step} to {out}")
+  out = _export(run, run.workdir / "export")
+  if _main_process():
+    print(f"exported step {step} to {out}")
   return out
 
 
@@ -163,18 +194,22 @@ def evaluate_mode(config, workdir) -> dict:
   report = evaluate(run, jax.random.fold_in(jax.random.key(config.seed), 2**31))
   report = dict(model=config.student if step is None else str(run.workdir / "checkpoints"),
                 step=step, **report)
-  run.workdir.mkdir(parents=True, exist_ok=True)
-  (run.workdir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-  print(f"\nkat_jax eval of {report['model']}" + (f" (step {step})" if step is not None else ""))
-  print(evaluate_lib.format_table(report))
+  if _main_process():
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    (run.workdir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nkat_jax eval of {report['model']}"
+          + (f" (step {step})" if step is not None else ""))
+    print(evaluate_lib.format_table(report))
   return report
 
 
 def train(config, workdir) -> dict:
   """The main job. Returns the final summary (also printed as a table)."""
   run = setup(config, workdir)
+  main = _main_process()
   run.workdir.mkdir(parents=True, exist_ok=True)
-  (run.workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  if main:
+    (run.workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   s_graph, s_params = nnx.split(run.student, nnx.Param)
   t_graph, t_params = nnx.split(run.teacher)
   opt_state = run.tx.init(s_params)
@@ -185,13 +220,15 @@ def train(config, workdir) -> dict:
   if latest is not None:
     opt_state, th_state, meta = _restore(run, manager, latest, opt_state, th_state)
     start_step = latest
-    print(f"resumed from {run.workdir / 'checkpoints'} at step {latest}", flush=True)
+    if main:
+      print(f"resumed from {run.workdir / 'checkpoints'} at step {latest}", flush=True)
 
   key = jax.random.key(config.seed)
-  metrics_file = open(run.workdir / "metrics.jsonl", "a")
+  metrics_file = open(run.workdir / "metrics.jsonl", "a") if main else None
   # Per-rollout lengths and cuts (config.log_rollouts): what the random-truncation ablation matches.
-  rollouts_file = open(run.workdir / "rollouts.jsonl", "a") if config.log_rollouts else None
-  writer = _tensorboard(run.workdir)
+  rollouts_file = (open(run.workdir / "rollouts.jsonl", "a") if main and config.log_rollouts
+                   else None)
+  writer = _tensorboard(run.workdir) if main else None
   eval_key = jax.random.fold_in(key, 2**31)  # the same draws before and after: a paired comparison
   before = evaluate(run, eval_key) if (start_step == 0 and run.benchmarks) else None
   if before:
@@ -199,7 +236,7 @@ def train(config, workdir) -> dict:
                                    for k, v in evaluate_lib.flat_metrics(before).items()})
   totals = dict(generated=0, trained=0, rows=0, terminated=0, saved=0)
   per_step = config.prompts_per_step * config.samples_per_prompt
-  progress = _progress(config.steps, start_step)
+  progress = _progress(config.steps, start_step) if main else None
   skips = int(meta.get("consecutive_skips", 0))
   for step in range(start_step, config.steps):
     t0 = time.perf_counter()
@@ -218,11 +255,11 @@ def train(config, workdir) -> dict:
     th_state = threshold.observe(th_state, result.window_mean_BxN, result.window_complete_BxN,
                                  run.threshold_cfg)
     new_params, opt_state, m = opd.update(
-        s_graph, s_now, t_graph, t_params, opt_state, jnp.asarray(prompt), jnp.asarray(start),
-        result, tx=run.tx, cfg=run.loss_cfg)
+        s_graph, s_now, t_graph, t_params, opt_state, prompt, start, result, tx=run.tx,
+        cfg=run.loss_cfg)
     nnx.update(run.student, new_params)
-    res = jax.device_get(result)
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    res = sharding.to_host(result)  # gathered across processes on a multi-host mesh
+    m = {k: float(v) for k, v in sharding.to_host(m).items()}
     skips = skips + 1 if m["skipped"] else 0
     gen = int(res.length_B.sum())
     saved = int(np.sum(np.where(res.terminated_B, config.max_new_tokens - res.length_B, 0)))
@@ -254,25 +291,28 @@ def train(config, workdir) -> dict:
           step=step + 1, length=res.length_B.tolist(), trained_len=res.trained_len_B.tolist(),
           terminated=res.terminated_B.tolist(), eos=res.eos_B.tolist())) + "\n")
       rollouts_file.flush()
-    progress.update(1)
-    progress.set_postfix(loss=f"{rec['loss']:.3f}", kl=f"{rec['kl']:.3f}",
-                         trap=f"{rec['trap_rate']:.2f}", tau=f"{rec['tau']:.3g}")
+    if progress:
+      progress.update(1)
+      progress.set_postfix(loss=f"{rec['loss']:.3f}", kl=f"{rec['kl']:.3f}",
+                           trap=f"{rec['trap_rate']:.2f}", tau=f"{rec['tau']:.3g}")
     if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
       manager.save(step + 1, args=ocp.args.Composite(
           state=ocp.args.StandardSave(_state_tree(run, opt_state, th_state)),
           meta=ocp.args.JsonSave({"consecutive_skips": skips,
                                   "data_position": (step + 1) * config.prompts_per_step})))
   manager.wait_until_finished()
-  progress.close()
+  if progress:
+    progress.close()
   after = evaluate(run, eval_key) if run.benchmarks else None
   if after:
     _log(metrics_file, writer, config.steps, {f"final/{k}": v
                                               for k, v in evaluate_lib.flat_metrics(after).items()})
-  metrics_file.close()
+  if metrics_file:
+    metrics_file.close()
   if rollouts_file:
     rollouts_file.close()
   for name, report in (("eval_before.json", before), ("eval_after.json", after)):
-    if report:
+    if report and main:
       (run.workdir / name).write_text(json.dumps(report, indent=2) + "\n")
   if writer:
     writer.close()
@@ -286,15 +326,26 @@ def train(config, workdir) -> dict:
       trap_rate=totals["terminated"] / max(totals["rows"], 1),
       tokens_saved_frac=totals["saved"] / max(totals["generated"] + totals["saved"], 1))
   if config.export:
-    hf.save(run.student, run.s_cfg, run.workdir / "export", tokenizer_dir=config.student,
-            overwrite=True)
+    _export(run, run.workdir / "export")
     summary["export"] = str(run.workdir / "export")
-  (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  _print_table(summary, start_step)
+  if main:
+    (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_table(summary, start_step)
   return summary
 
 
+def _export(run: Run, out: Path) -> Path:
+  """The student as an HF directory; params are gathered from every process, process 0 writes."""
+  state = sharding.to_host(nnx.state(run.student))
+  if _main_process():
+    nnx.update(run.student, state)
+    hf.save(run.student, run.s_cfg, out, tokenizer_dir=run.config.student, overwrite=True)
+  return out
+
+
 def _log(f, writer, step, rec):
+  if f is None:  # not process 0
+    return
   # tau is -inf while KAT warms up: null in the JSONL (strict JSON), absent from TensorBoard.
   clean = {k: (v if np.isfinite(v) else None) for k, v in rec.items()}
   f.write(json.dumps({"step": step, **clean}) + "\n")

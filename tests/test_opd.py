@@ -61,3 +61,39 @@ def test_non_finite_update_is_skipped():
   new_params, _, metrics = step(s_params, opt_state)
   assert bool(metrics["skipped"]) and not np.isfinite(float(metrics["loss"]))
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_params), before)
+
+
+def test_microbatched_update_equals_the_full_batch():
+  """loss.microbatches splits the rows into a scan of chunks: same loss, grads and new params."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from kat_jax import kat, opd, rollout
+  from kat_jax.models import ModelConfig, Transformer
+  cfg = ModelConfig(family="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+                    tie_embeddings=False, eos_token_ids=(63,))
+  s, t = Transformer(cfg, rngs=nnx.Rngs(0)), Transformer(cfg, rngs=nnx.Rngs(1))
+  prompt = jax.random.randint(jax.random.key(0), (8, 6), 1, 60)
+  start = jax.numpy.array([0, 1, 2, 0, 3, 0, 1, 0])
+  rcfg = rollout.RolloutConfig(max_new_tokens=12, eos_ids=(63,), pad_id=0, vocab_size=64,
+                               kat=kat.KATConfig(window=4, patience=1, min_len=4))
+  res = rollout.rollout(s, t, prompt, start, jax.random.key(1), rcfg, tau=2.0)
+  tx = opd.make_optimizer(opd.OptimConfig(learning_rate=1e-2))
+  sg, sp = nnx.split(s, nnx.Param)
+  tg, tp = nnx.split(t)
+  out = {}
+  for objective in ("sampled_pg", "reverse_kl"):
+    for m in (1, 4):
+      lc = opd.LossConfig(objective=objective, vocab_size=64, microbatches=m)
+      params, _, metrics = opd.update(sg, jax.tree.map(lambda x: x.copy(), sp), tg, tp,
+                                      tx.init(sp), prompt, start, res, tx=tx, cfg=lc)
+      out[objective, m] = (jax.device_get(params), float(metrics["loss"]),
+                           float(metrics["grad_norm"]))
+    full, micro = out[objective, 1], out[objective, 4]
+    np.testing.assert_allclose(micro[1], full[1], rtol=1e-5)
+    np.testing.assert_allclose(micro[2], full[2], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(micro[0]), jax.tree.leaves(full[0])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert res.terminated_B.any()  # KAT-cut rows are part of the split batch

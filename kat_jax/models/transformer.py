@@ -211,6 +211,13 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pdt, dt)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt)
+    # Rematerialise each block in the backward pass (jax.checkpoint): the update then keeps one
+    # [B, S, E] input per layer instead of every layer's scores and MLP activations. Set by the
+    # training config (`remat`); it changes memory and compute, never the numbers.
+    self.remat = False
+    # Sharding of [B, T, E] activations on a mesh (set by kat_jax.sharding.shard_model): without
+    # it, XLA's propagation may gather the batch instead of the FSDP-sharded params.
+    self.act_sharding = None
 
   # ------------------------------------------------------------------------------- pieces
 
@@ -242,10 +249,19 @@ class Transformer(nnx.Module):
     causal_TxT = jnp.tril(jnp.ones((t, t), jnp.bool_))
     mask_BxTxT = causal_TxT[None] & attention_mask_BxT[:, None, :]
     inv_freq = self._inv_freq()
-    x = self.embed_tokens(input_ids_BxT)
+    x = self._constrain(self.embed_tokens(input_ids_BxT))
     for layer in self.layers:
-      x, _ = layer(x, positions_BxT, mask_BxTxT, inv_freq)
+      if self.remat:
+        x = nnx.remat(lambda blk, h: blk(h, positions_BxT, mask_BxTxT, inv_freq)[0])(layer, x)
+      else:
+        x, _ = layer(x, positions_BxT, mask_BxTxT, inv_freq)
+      x = self._constrain(x)
     return x
+
+  def _constrain(self, x_BxTxE):
+    if self.act_sharding is None:
+      return x_BxTxE
+    return jax.lax.with_sharding_constraint(x_BxTxE, self.act_sharding)
 
   def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None):
     return self.logits(self.hidden(input_ids_BxT, attention_mask_BxT, positions_BxT))

@@ -1,0 +1,62 @@
+"""Paper-scale OPD with KAT: Qwen3-1.7B student, Qwen3-8B teacher, DeepMath / DAPO-style prompts.
+
+Data: a JSONL of {"prompt": ..., "answer": ...} (e.g. DeepMath-103K or DAPO-Math-17k exported once
+where there is internet); the benchmarks as local JSONL copies (see kat_jax/data/benchmarks.py).
+Models: local Hugging Face directories (config.json + safetensors + tokenizer).
+
+Memory plan, no weights needed (prints the per-device plan of every mesh that fits):
+  python -m kat_jax.memory --config configs/qwen3_opd.py --devices 16 --device-memory-gb 16  # v5e-16
+  python -m kat_jax.memory --config configs/qwen3_opd.py --devices 16 --device-memory-gb 32  # v4-32
+  python -m kat_jax.memory --config configs/qwen3_opd.py --devices 8 --device-memory-gb 80   # 8xH100
+Run on every worker of a TPU slice (see README "TPU pods"):
+  bash launch/tpu.sh run NAME ZONE -- --config configs/qwen3_opd.py --workdir /mnt/kat \
+      --config.student=/mnt/models/Qwen3-1.7B --config.teacher=/mnt/models/Qwen3-8B \
+      --config.data.path=/mnt/data/deepmath.jsonl
+Expected: depends on the slice; the training step is dominated by the 8B teacher's scoring of
+128 rollouts x up to 4096 tokens. Checkpoints every 50 steps; rerunning resumes.
+"""
+
+from kat_jax.config import defaults
+
+BENCHMARKS = ("math500=/mnt/data/math500.jsonl,aime24=/mnt/data/aime24.jsonl,"
+              "aime25=/mnt/data/aime25.jsonl,amc23=/mnt/data/amc23.jsonl")
+
+
+def get_config(arg=None):
+  c = defaults()
+  c.student = "/mnt/models/Qwen3-1.7B"
+  c.teacher = "/mnt/models/Qwen3-8B"
+  c.dtype = "bfloat16"
+  c.data.source = "jsonl"
+  c.data.path = "/mnt/data/deepmath.jsonl"
+  c.steps = 500
+  c.prompts_per_step = 32
+  c.samples_per_prompt = 4  # 128 rollouts per step
+  c.max_new_tokens = 4096
+  c.max_prompt_len = 512
+  c.sampling.temperature = 1.0
+  c.optim.learning_rate = 1e-6
+  c.optim.warmup_steps = 10
+  c.optim.schedule = "cosine"
+  c.optim.total_steps = c.steps
+  # KAT at LLM scale: windows of 32 tokens, 4 low windows in a row, nothing cut before 256 tokens,
+  # adaptive tau (EMA of the 20th percentile of window means), the paper's rule (no spike gate).
+  c.kat.window = 32
+  c.kat.patience = 4
+  c.kat.min_len = 256
+  c.threshold.warmup_steps = 5
+  c.remat = True
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP: the 8B teacher does not fit one chip
+  c.distributed = True
+  c.checkpoint_every = 50
+  c.eval_every = 50
+  c.eval_size = 0  # every problem of each benchmark
+  c.eval.benchmarks = BENCHMARKS
+  c.eval.n, c.eval.k = 16, 16
+  c.eval.temperature, c.eval.top_p = 0.6, 0.95
+  c.eval.max_new_tokens = 4096
+  c.eval.batch_size = 128
+  if arg not in (None, ""):
+    raise ValueError(f"configs/qwen3_opd.py takes no argument (got {arg!r}); override with "
+                     "--config.KEY=VALUE.")
+  return c

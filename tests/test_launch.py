@@ -1,0 +1,54 @@
+"""Launch scripts: valid bash, and a dry-run mode that prints the exact commands they would run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "launch").glob("*.sh"))
+
+
+def _dry(*args):
+  env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable)
+  out = subprocess.run(["bash", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  return [line for line in out.stdout.splitlines() if line.startswith("+ ")]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+def test_bash_syntax(script):
+  subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_tpu_lifecycle_dry_run():
+  tpu = ROOT / "launch" / "tpu.sh"
+  (create,) = _dry(tpu, "create", "kat", "us-central2-b", "v4-32")
+  assert create.startswith("+ gcloud compute tpus tpu-vm create kat --zone us-central2-b "
+                           "--accelerator-type v4-32")
+  scp, install = _dry(tpu, "install", "kat", "us-central2-b")
+  assert "tpu-vm scp --recurse" in scp and "--worker=all" in scp
+  assert "--worker=all" in install and "launch/install.sh\\ tpu" in install
+  (run,) = _dry(tpu, "run", "kat", "z", "--", "--config", "configs/qwen3_opd.py", "--workdir",
+                "/mnt/a b")
+  assert "--worker=all" in run and "kat_jax.main\\ --config\\ configs/qwen3_opd.py" in run
+  assert "/mnt/a\\\\\\ b" in run  # the space survives two shells
+  assert run.endswith("--config.distributed=True")
+  sweep = _dry(tpu, "sweep", "kat", "z", "configs/arith_compare.py", "/mnt/cmp")
+  assert len(sweep) == 21 and all("kat_jax.sweep\\ --distributed" in s for s in sweep)
+  assert sweep[3].endswith("--only\\ s0_random")
+  (delete,) = _dry(tpu, "delete", "kat", "z")
+  assert delete == "+ gcloud compute tpus tpu-vm delete kat --zone z --quiet"
+  bad = subprocess.run(["bash", str(tpu), "frobnicate", "a", "b"], capture_output=True, text=True)
+  assert bad.returncode == 2 and "create" in bad.stderr
+
+
+def test_install_and_compare_dry_runs():
+  lines = _dry(ROOT / "launch" / "install.sh", "tpu")
+  assert any('pip install -q -e .[tpu]' in line for line in lines)
+  sweep, report = _dry(ROOT / "launch" / "compare_local.sh", "/tmp/x")
+  assert "kat_jax.sweep --config configs/arith_compare.py --workdir /tmp/x" in sweep
+  assert "kat_jax.experiment --sweep /tmp/x" in report

@@ -1,0 +1,93 @@
+"""The per-device memory plan against XLA's compiled memory analysis, and the refusal path."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from kat_jax import kat, memory, opd, rollout, sharding
+from kat_jax.models import ConfigError, ModelConfig, Transformer
+
+
+def _cfg(hidden, layers, vocab, inter, heads=4, kv=2):
+  return ModelConfig(family="qwen3", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                     num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=16,
+                     qk_norm=True, tie_embeddings=False, eos_token_ids=(vocab - 1,))
+
+
+def _compiled(s_cfg, t_cfg, batch, prompt, new, window, objective, mesh=None, microbatches=1):
+  """(decode loop bytes, update bytes) per device from the compiled executables."""
+  s, t = Transformer(s_cfg, rngs=nnx.Rngs(0)), Transformer(t_cfg, rngs=nnx.Rngs(1))
+  v = s_cfg.vocab_size
+  p, start = jnp.zeros((batch, prompt), jnp.int32), jnp.zeros((batch,), jnp.int32)
+  if mesh is not None:
+    sharding.shard_model(s, mesh)
+    sharding.shard_model(t, mesh)
+    p, start = sharding.put_batch(p, mesh), sharding.put_batch(start, mesh)
+  cfg = rollout.RolloutConfig(max_new_tokens=new, eos_ids=(v - 1,), pad_id=0, vocab_size=v,
+                              kat=kat.KATConfig(mode="none", window=window), compact_multiple=-1)
+  sg, sp = nnx.split(s)
+  tg, tp = nnx.split(t)
+  state = rollout._prefill(sg, sp, tg, tp, p, start, jax.random.key(0), 0.0, float("inf"),
+                           cfg=cfg)
+  loop = rollout._decode_loop.lower(sg, sp, tg, tp, state, jnp.int32(0),
+                                    cfg=cfg).compile().memory_analysis()
+  res = rollout.rollout(s, t, p, start, jax.random.key(0), cfg)
+  tx = opd.make_optimizer(opd.OptimConfig(learning_rate=1e-3))
+  sgp, spp = nnx.split(s, nnx.Param)
+  upd = opd.update.lower(sgp, spp, tg, tp, tx.init(spp), p, start, res, tx=tx,
+                         cfg=opd.LossConfig(objective=objective, vocab_size=v,
+                                            microbatches=microbatches)
+                         ).compile().memory_analysis()
+  loop_bytes = loop.argument_size_in_bytes + loop.temp_size_in_bytes
+  upd_bytes = (upd.argument_size_in_bytes + upd.temp_size_in_bytes + upd.output_size_in_bytes
+               - upd.alias_size_in_bytes)
+  return loop_bytes, upd_bytes
+
+
+@pytest.mark.parametrize("objective,mesh_shape,micro", [("sampled_pg", (1, 1, 1), 1),
+                                                        ("reverse_kl", (1, 1, 1), 1),
+                                                        ("sampled_pg", (1, 1, 1), 4),
+                                                        ("sampled_pg", (2, 2, 2), 1)])
+def test_plan_within_20_percent_of_compiled_memory(objective, mesh_shape, micro):
+  s_cfg, t_cfg = _cfg(128, 3, 1024, 512), _cfg(192, 2, 1024, 768)
+  batch, prompt, new, window = 16, 32, 80, 8
+  mesh = None if mesh_shape == (1, 1, 1) else sharding.make_mesh(mesh_shape)
+  loop, upd = _compiled(s_cfg, t_cfg, batch, prompt, new, window, objective, mesh, micro)
+  p = memory.plan(s_cfg, t_cfg, mesh_shape, batch=batch, prompt_len=prompt, max_new_tokens=new,
+                  window=window, vocab=1024, objective=objective, microbatches=micro)
+  # The decode loop holds params, caches and buffers -- not the optimizer state, which the plan's
+  # rollout phase counts because it stays resident on the device during the rollout.
+  rollout_planned = p.rollout_phase - p.items["optimizer (AdamW)"]
+  assert abs(rollout_planned / loop - 1) < 0.2, (rollout_planned, loop)
+  assert abs(p.update_phase / upd - 1) < 0.2, (p.update_phase, upd)
+
+
+def test_param_bytes_follow_the_sharding_rules():
+  cfg = _cfg(128, 2, 1024, 512, heads=4, kv=2)
+  full = memory.param_bytes(cfg, (1, 1, 1), 4)
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))))
+  assert full == n * 4
+  # fsdp=4 splits every tensor with an `embed` dim; norms ([embed]) too; nothing stays whole
+  # except the per-head q/k norms ([head_dim]).
+  assert memory.param_bytes(cfg, (1, 4, 1), 4) == pytest.approx(full / 4, rel=0.01)
+  # 2 kv heads on a 4-way tensor axis: k/v projections replicate over it (rules skip it).
+  assert memory.param_bytes(cfg, (1, 1, 4), 4) > full / 4
+
+
+def test_a_run_that_cannot_fit_is_refused_with_a_mesh_that_does(tmp_path):
+  from kat_jax.config import defaults
+  c = defaults()
+  c.student, c.teacher = "/models/Qwen3-1.7B", "/models/Qwen3-8B"  # known architectures
+  c.prompts_per_step, c.samples_per_prompt, c.max_new_tokens = 8, 1, 256
+  c.max_prompt_len, c.kat.window = 64, 32
+  gib = memory.GiB
+  with pytest.raises(ConfigError) as e:
+    memory.check(c, (8, 1, 1), 8, 24 * gib, accelerator=True)
+  first = str(e.value).splitlines()[0]
+  assert first.startswith("config.mesh=(8, 1, 1): the run needs")
+  assert "--config.mesh.data=" in first and "--config.mesh.fsdp=" in first
+  suggested = [int(x.split("=")[1]) for x in first.split() if x.startswith("--config.mesh.")]
+  assert memory.for_config(c, tuple(suggested), 24 * gib, True).fits
+  with pytest.raises(ConfigError, match="no \\(data, fsdp, tensor\\) mesh of these devices fits"):
+    memory.check(c, (8, 1, 1), 8, 2 * gib, accelerator=True)
