@@ -45,7 +45,11 @@ def get_config(arg=None):
   c.kat.patience = 4
   c.kat.min_len = 256
   c.threshold.warmup_steps = 5
+  # Memory: per-block remat, the update's rows one at a time per device (128 rows / 16 devices /
+  # 8 micro-batches), the LM head + loss over 512 positions at a time (151936-word vocabulary).
   c.remat = True
+  c.loss.microbatches = 8
+  c.loss.chunk = 512
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP: the 8B teacher does not fit one chip
   c.distributed = True
   c.checkpoint_every = 50

@@ -40,8 +40,9 @@ def defaults() -> ml_collections.ConfigDict:
       mode="adaptive", momentum=0.9, quantile=0.2, ratio=0.5, fixed_tau=0.0, warmup_steps=5))
   # beta: jsd only, TRL convention (0 = forward KL(teacher||student), 1 = reverse KL).
   # microbatches: the update's rows in sequential chunks (less activation memory, same gradient).
+  # chunk: the LM head + loss over this many positions at a time (0 = all; saves [B, T, V] memory).
   c.loss = ml_collections.ConfigDict(dict(objective="sampled_pg", beta=0.5, temperature=1.0,
-                                          microbatches=1))
+                                          microbatches=1, chunk=0))
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=5e-5, warmup_steps=0, schedule="constant", total_steps=100, weight_decay=0.0,
       b1=0.9, b2=0.999, clip_norm=1.0, accumulation_steps=1))

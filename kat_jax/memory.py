@@ -100,8 +100,8 @@ def _split(n: int, ways: int) -> float:
 def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, prompt_len: int,
          max_new_tokens: int, window: int, vocab: int, param_bytes_s: int = 4,
          param_bytes_t: int = 4, compute_bytes: int = 4, objective: str = "sampled_pg",
-         remat: bool = False, microbatches: int = 1, device_memory: float | None = None
-         ) -> Plan:
+         remat: bool = False, microbatches: int = 1, loss_chunk: int = 0,
+         device_memory: float | None = None) -> Plan:
   data, fsdp, tensor = mesh_shape
   b = batch / (data * fsdp)  # rows per device
   t = -(-max_new_tokens // window) * window
@@ -124,9 +124,10 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
     layers = c.num_layers * b * s_len * e * compute_bytes + per_layer
   else:
     layers = c.num_layers * per_layer
-  logits = LOGIT_COPIES * b * t * v * 4
+  positions = min(loss_chunk, t) if loss_chunk else t  # loss.chunk: one chunk's logits at a time
+  logits = LOGIT_COPIES * b * positions * v * 4
   if objective != "sampled_pg":  # the teacher's logits (no gradient) and their log-softmax
-    logits += 2 * b * t * v * 4
+    logits += 2 * b * positions * v * 4
   # Micro-batches run one after another: one chunk's activations live at a time (each chunk's
   # gradient is added into the running sum in place).
   items["activations (update)"] = (layers + logits) / microbatches
@@ -194,7 +195,8 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
               window=config.kat.window, vocab=min(s.vocab_size, t.vocab_size),
               param_bytes_s=nbytes, param_bytes_t=nbytes, compute_bytes=nbytes,
               objective=config.loss.objective, remat=config.remat,
-              microbatches=config.loss.microbatches, device_memory=device_memory)
+              microbatches=config.loss.microbatches, loss_chunk=config.loss.chunk,
+              device_memory=device_memory)
 
 
 def check(config, mesh_shape, n_devices: int, device_memory: float | None,

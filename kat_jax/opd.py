@@ -67,10 +67,14 @@ class LossConfig:
   # Rows of the batch go through the forward / backward in this many sequential chunks (a scan
   # that sums their gradients): activation memory / microbatches, the same loss and gradient.
   microbatches: int = 1
+  # The LM head and loss over chunks of this many positions (0 = all at once): the [B, T, V]
+  # logits never exist whole, only [B, chunk, V]. Same loss and gradient.
+  chunk: int = 0
 
   def __post_init__(self):
-    if self.microbatches < 1:
-      raise ValueError(f"loss.microbatches={self.microbatches} must be >= 1.")
+    if self.microbatches < 1 or self.chunk < 0:
+      raise ValueError(f"loss.microbatches={self.microbatches} must be >= 1 and loss.chunk="
+                       f"{self.chunk} >= 0.")
     if self.objective not in losses.OBJECTIVES:
       raise ValueError(f"loss.objective={self.objective!r}; use one of {losses.OBJECTIVES}.")
     if not 0 <= self.beta <= 1 or self.temperature <= 0:
@@ -95,18 +99,41 @@ def _loss(s_params, s_graph, t_model, prompt_BxP, start_B, result: RolloutResult
   p = prompt_BxP.shape[1]
   v = cfg.vocab_size or student.cfg.vocab_size
   # Position p + i - 1 predicts generated token i; the prompt positions' logits are never formed.
-  s_logits = student.logits(student.hidden(seq, attn)[:, p - 1:-1])[..., :v]
-  t_logits = None
+  s_hidden = student.hidden(seq, attn)[:, p - 1:-1]
+  t_hidden = None
   if cfg.objective != "sampled_pg":
-    t_hidden = t_model.hidden(seq, attn)[:, p - 1:-1]
-    t_logits = jax.lax.stop_gradient(t_model.logits(t_hidden)[..., :v])
-  loss = losses.opd_loss(cfg.objective, s_logits, result.loss_mask_BxT,
-                         tokens_BxT=result.tokens_BxT, logp_student_BxT=result.logp_student_BxT,
-                         logp_teacher_BxT=result.logp_teacher_BxT,
-                         logp_behavior_BxT=result.logp_behavior_BxT,
-                         teacher_logits_BxTxV=t_logits, beta=cfg.beta,
-                         temperature=cfg.temperature, num_tokens=num_tokens)
-  return loss
+    t_hidden = jax.lax.stop_gradient(t_model.hidden(seq, attn)[:, p - 1:-1])
+  per_token = (result.loss_mask_BxT, result.tokens_BxT, result.logp_student_BxT,
+               result.logp_teacher_BxT, result.logp_behavior_BxT)
+
+  def head_loss(s_params, s_hidden, t_hidden, mask, tokens, lp_s, lp_t, lp_b):
+    s_logits = nnx.merge(s_graph, s_params).logits(s_hidden)[..., :v]
+    t_logits = None if t_hidden is None else jax.lax.stop_gradient(
+        t_model.logits(t_hidden)[..., :v])
+    return losses.opd_loss(cfg.objective, s_logits, mask, tokens_BxT=tokens, logp_student_BxT=lp_s,
+                           logp_teacher_BxT=lp_t, logp_behavior_BxT=lp_b,
+                           teacher_logits_BxTxV=t_logits, beta=cfg.beta,
+                           temperature=cfg.temperature, num_tokens=num_tokens)
+
+  t = s_hidden.shape[1]
+  c = cfg.chunk
+  if not c or c >= t:
+    return head_loss(s_params, s_hidden, t_hidden, *per_token)
+  # The LM head and the objective over chunks of `c` positions: only one chunk's [B, c, V] logits
+  # exist at a time, forward and backward (jax.checkpoint recomputes them in the backward pass).
+  # Every chunk is normalised by the whole batch's trained tokens, so the sum is the full loss.
+  if t % c:
+    raise ValueError(f"loss.chunk={c} must divide the {t} generated positions (a multiple of "
+                     "kat.window).")
+  to_chunks = lambda x: None if x is None else jnp.moveaxis(  # noqa: E731
+      x.reshape(x.shape[0], t // c, c, *x.shape[2:]), 1, 0)
+  xs = tuple(to_chunks(x) for x in (s_hidden, t_hidden, *per_token))
+  step = jax.checkpoint(head_loss)
+
+  def body(total, x):
+    return total + step(s_params, *x), None
+
+  return jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("s_graph", "t_graph", "tx", "cfg"),

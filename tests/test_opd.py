@@ -63,8 +63,9 @@ def test_non_finite_update_is_skipped():
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, new_params), before)
 
 
-def test_microbatched_update_equals_the_full_batch():
-  """loss.microbatches splits the rows into a scan of chunks: same loss, grads and new params."""
+def test_microbatched_and_chunked_update_equals_the_full_batch():
+  """loss.microbatches (rows) and loss.chunk (positions) split the update into scans: the same
+  loss, gradient norm and new params as the whole batch at once."""
   import jax
   import numpy as np
   from flax import nnx
@@ -85,13 +86,13 @@ def test_microbatched_update_equals_the_full_batch():
   tg, tp = nnx.split(t)
   out = {}
   for objective in ("sampled_pg", "reverse_kl"):
-    for m in (1, 4):
-      lc = opd.LossConfig(objective=objective, vocab_size=64, microbatches=m)
+    for m, chunk in ((1, 0), (4, 4)):
+      lc = opd.LossConfig(objective=objective, vocab_size=64, microbatches=m, chunk=chunk)
       params, _, metrics = opd.update(sg, jax.tree.map(lambda x: x.copy(), sp), tg, tp,
                                       tx.init(sp), prompt, start, res, tx=tx, cfg=lc)
       out[objective, m] = (jax.device_get(params), float(metrics["loss"]),
                            float(metrics["grad_norm"]))
-    full, micro = out[objective, 1], out[objective, 4]
+    full, micro = out[objective, 1], out[objective, 4]  # 4 row chunks x 3 position chunks
     np.testing.assert_allclose(micro[1], full[1], rtol=1e-5)
     np.testing.assert_allclose(micro[2], full[2], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(micro[0]), jax.tree.leaves(full[0])):
