@@ -51,6 +51,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.distributed = False  # jax.distributed.initialize() first (multi-host TPU pods / GPU clusters)
   c.remat = False  # recompute each block in the backward pass (less activation memory)
+  c.attn_chunk = 0  # training-forward attention over query chunks of this size (0 = all at once)
   c.max_prompt_len = 256  # prompt tokens (chat template included); longer prompts are an error
   c.device_memory_gb = 0.0  # per device, for the memory plan; 0 = as the device reports (or none)
   c.rescore_student = False
@@ -106,6 +107,8 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
                 "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
     if config[field] < 1:
       _fail(field, config[field], "must be >= 1.")
+  if config.attn_chunk < 0:
+    _fail("attn_chunk", config.attn_chunk, "must be >= 0 (0 turns query chunking off).")
   if config.max_prompt_len < 1:
     _fail("max_prompt_len", config.max_prompt_len, "must be >= 1.")
   for field in ("eval_size", "eval_every"):

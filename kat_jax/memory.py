@@ -100,7 +100,7 @@ def _split(n: int, ways: int) -> float:
 def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, prompt_len: int,
          max_new_tokens: int, window: int, vocab: int, param_bytes_s: int = 4,
          param_bytes_t: int = 4, compute_bytes: int = 4, objective: str = "sampled_pg",
-         remat: bool = False, microbatches: int = 1, loss_chunk: int = 0,
+         remat: bool = False, microbatches: int = 1, loss_chunk: int = 0, attn_chunk: int = 0,
          device_memory: float | None = None) -> Plan:
   data, fsdp, tensor = mesh_shape
   b = batch / (data * fsdp)  # rows per device
@@ -118,12 +118,17 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
   items["rollout buffers"] = b * (6 * t * 4 + 2 * v * 4 + 6 * window * v * 4)
   c = student
   h, i, e = _split(c.num_heads, tensor), _split(c.intermediate_size, tensor), c.hidden_size
-  per_layer = compute_bytes * b * (SCORE_COPIES * h * s_len * s_len + MLP_COPIES * s_len * i
-                                   + RESIDUAL_COPIES * s_len * e)
-  if remat:  # jax.checkpoint per block: each layer keeps its input; one layer's internals live
-    layers = c.num_layers * b * s_len * e * compute_bytes + per_layer
+  scores = SCORE_COPIES * compute_bytes * b * h * s_len * s_len  # one layer's, unchunked
+  if attn_chunk and attn_chunk < s_len:
+    # Query chunks under jax.checkpoint: one chunk's scores live at a time, in any layer.
+    once, scores = SCORE_COPIES * compute_bytes * b * h * attn_chunk * s_len, 0.0
   else:
-    layers = c.num_layers * per_layer
+    once = 0.0
+  per_layer = scores + compute_bytes * b * (MLP_COPIES * s_len * i + RESIDUAL_COPIES * s_len * e)
+  if remat:  # jax.checkpoint per block: each layer keeps its input; one layer's internals live
+    layers = c.num_layers * b * s_len * e * compute_bytes + per_layer + once
+  else:
+    layers = c.num_layers * per_layer + once
   positions = min(loss_chunk, t) if loss_chunk else t  # loss.chunk: one chunk's logits at a time
   logits = LOGIT_COPIES * b * positions * v * 4
   if objective != "sampled_pg":  # the teacher's logits (no gradient) and their log-softmax
@@ -196,7 +201,7 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
               param_bytes_s=nbytes, param_bytes_t=nbytes, compute_bytes=nbytes,
               objective=config.loss.objective, remat=config.remat,
               microbatches=config.loss.microbatches, loss_chunk=config.loss.chunk,
-              device_memory=device_memory)
+              attn_chunk=config.attn_chunk, device_memory=device_memory)
 
 
 def check(config, mesh_shape, n_devices: int, device_memory: float | None,

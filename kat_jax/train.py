@@ -90,6 +90,9 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
     teacher, _ = hf.load(config.teacher, dtype=dtype, mesh=mesh)
     vocab_size, eos_ids = compat.vocab_size, compat.eos_token_ids
   student.remat = config.remat
+  student.attn_chunk = config.attn_chunk
+  if teacher is not None:
+    teacher.attn_chunk = config.attn_chunk
   tokenizer = _tokenizer(Path(config.student))
   if not with_teacher:
     # Sample only ids the tokenizer has (checkpoints often pad the embedding past it).

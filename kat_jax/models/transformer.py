@@ -100,6 +100,26 @@ def _rope(x_BxTxHxD, positions_BxT, inv_freq):
   return out.astype(x_BxTxHxD.dtype)
 
 
+def _attention(q_BxTxHxD, keys_BxKxSxD, values_BxKxSxD, mask_BxTxS, cfg: ModelConfig, dt):
+  """Masked softmax attention with grouped KV heads; [B, T, H, D] out."""
+  b, t = q_BxTxHxD.shape[:2]
+  k, g, d = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+  # Queries as [B, K, G*T, D]: batch dims leading and contracting dims last, the layout XLA's
+  # dot emitter wants; the 5-D 'btkgd,bksd->bkgts' einsum made XLA CPU transpose the [.., T, S]
+  # scores around the softmax (measured: attention fwd 7.4 -> 4.4 ms, fwd+bwd 31 -> 26 ms).
+  q_BxKxQxD = q_BxTxHxD.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
+  # Scores and softmax in fp32 even when computing in bf16.
+  scores_BxKxQxS = jnp.einsum("bkqd,bksd->bkqs", q_BxKxQxD, keys_BxKxSxD,
+                              preferred_element_type=jnp.float32) * (d ** -0.5)
+  s = scores_BxKxQxS.shape[-1]
+  scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None],
+                               scores_BxKxQxS.reshape(b, k, g, t, s), _MASK_VALUE)
+  probs_BxKxQxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dt).reshape(b, k, g * t, s)
+  out_BxKxQxD = jnp.einsum("bkqs,bksd->bkqd", probs_BxKxQxS, values_BxKxSxD)
+  return out_BxKxQxD.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4).reshape(
+      b, t, cfg.num_heads, d)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -120,7 +140,8 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(d, cfg.rms_norm_eps, "head_dim", pdt, self.dtype)
     self.cfg = cfg
 
-  def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, inv_freq, kv=None, end=None):
+  def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, inv_freq, kv=None, end=None,
+               q_chunk: int = 0):
     """Returns (out_BxTxE, (k, v)): the keys/values attended to, i.e. the updated cache."""
     cfg, dt = self.cfg, self.dtype
     x = x_BxTxE.astype(dt)
@@ -147,22 +168,21 @@ class Attention(nnx.Module):
       keys_BxKxSxD = jax.lax.dynamic_update_slice(cache_k, k_BxKxTxD.astype(cache_k.dtype), idx)
       values_BxKxSxD = jax.lax.dynamic_update_slice(cache_v, v_BxKxTxD.astype(cache_v.dtype), idx)
 
-    b, t = x.shape[:2]
-    k, g, d = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-    # Queries as [B, K, G*T, D]: batch dims leading and contracting dims last, the layout XLA's
-    # dot emitter wants; the 5-D 'btkgd,bksd->bkgts' einsum made XLA CPU transpose the [.., T, S]
-    # scores around the softmax (measured: attention fwd 7.4 -> 4.4 ms, fwd+bwd 31 -> 26 ms).
-    q_BxKxQxD = q_BxTxHxD.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
-    # Scores and softmax in fp32 even when computing in bf16.
-    scores_BxKxQxS = jnp.einsum("bkqd,bksd->bkqs", q_BxKxQxD, keys_BxKxSxD.astype(dt),
-                                preferred_element_type=jnp.float32) * (d ** -0.5)
-    s = scores_BxKxQxS.shape[-1]
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None],
-                                 scores_BxKxQxS.reshape(b, k, g, t, s), _MASK_VALUE)
-    probs_BxKxQxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dt).reshape(b, k, g * t, s)
-    out_BxKxQxD = jnp.einsum("bkqs,bksd->bkqd", probs_BxKxQxS, values_BxKxSxD.astype(dt))
-    out_BxTxHxD = out_BxKxQxD.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4).reshape(
-        b, t, cfg.num_heads, d)
+    keys, values = keys_BxKxSxD.astype(dt), values_BxKxSxD.astype(dt)
+    t = x.shape[1]
+    if kv is None and q_chunk and t > q_chunk:
+      # Query chunks, one after another, each against all keys (jax.checkpoint: the backward
+      # recomputes a chunk's scores), so [B, H, chunk, S] scores exist instead of [B, H, S, S].
+      n = -(-t // q_chunk)
+      pad = n * q_chunk - t  # padded query rows see no key: a harmless uniform row, sliced off
+      q = jnp.pad(q_BxTxHxD, ((0, 0), (0, pad), (0, 0), (0, 0)))
+      m = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0)))
+      chunks = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, q_chunk, *a.shape[2:]), 1, 0)  # noqa: E731
+      attend = jax.checkpoint(lambda qc, mc: _attention(qc, keys, values, mc, cfg, dt))
+      out = jax.lax.map(lambda qm: attend(*qm), (chunks(q), chunks(m)))
+      out_BxTxHxD = jnp.moveaxis(out, 0, 1).reshape(q.shape)[:, :t]
+    else:
+      out_BxTxHxD = _attention(q_BxTxHxD, keys, values, mask_BxTxS, cfg, dt)
     out_BxTxE = _dense(out_BxTxHxD, self.o_proj[...].astype(dt), n_in=2)
     if cfg.o_bias:
       out_BxTxE = out_BxTxE + self.o_bias[...].astype(dt)[None, None]
@@ -194,8 +214,10 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pdt, dt)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, inv_freq, kv=None, end=None):
-    h, kv = self.attn(self.attn_norm(x_BxTxE), positions_BxT, mask_BxTxS, inv_freq, kv, end)
+  def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, inv_freq, kv=None, end=None,
+               q_chunk: int = 0):
+    h, kv = self.attn(self.attn_norm(x_BxTxE), positions_BxT, mask_BxTxS, inv_freq, kv, end,
+                      q_chunk)
     x_BxTxE = x_BxTxE + h
     return x_BxTxE + self.mlp(self.mlp_norm(x_BxTxE)), kv
 
@@ -218,6 +240,8 @@ class Transformer(nnx.Module):
     # Sharding of [B, T, E] activations on a mesh (set by kat_jax.sharding.shard_model): without
     # it, XLA's propagation may gather the batch instead of the FSDP-sharded params.
     self.act_sharding = None
+    # Full-sequence attention over query chunks of this size (0 = all at once): see Attention.
+    self.attn_chunk = 0
 
   # ------------------------------------------------------------------------------- pieces
 
@@ -251,10 +275,9 @@ class Transformer(nnx.Module):
     inv_freq = self._inv_freq()
     x = self._constrain(self.embed_tokens(input_ids_BxT))
     for layer in self.layers:
-      if self.remat:
-        x = nnx.remat(lambda blk, h: blk(h, positions_BxT, mask_BxTxT, inv_freq)[0])(layer, x)
-      else:
-        x, _ = layer(x, positions_BxT, mask_BxTxT, inv_freq)
+      call = lambda blk, h: blk(h, positions_BxT, mask_BxTxT, inv_freq,  # noqa: E731
+                                q_chunk=self.attn_chunk)[0]
+      x = nnx.remat(call)(layer, x) if self.remat else call(layer, x)
       x = self._constrain(x)
     return x
 
