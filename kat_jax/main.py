@@ -28,8 +28,9 @@ def _run(config, workdir: str) -> None:
     # Multi-host (TPU pod slice, GPU cluster): must precede any use of the devices. On TPU VMs
     # and SLURM / Open MPI clusters the coordinator and process ids are found automatically.
     jax.distributed.initialize()
-  logging.info("JAX %s, %d %s device(s), %d process(es)", jax.__version__, jax.device_count(),
-               jax.default_backend(), jax.process_count())
+  if jax.process_index() == 0:
+    print(f"JAX {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), "
+          f"{jax.process_count()} process(es)", flush=True)
   if mode == "smoke":
     from kat_jax import smoke
     smoke.run(config, workdir)
@@ -46,6 +47,10 @@ def _run(config, workdir: str) -> None:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every checkpoint step at INFO (~180 lines a run): keep the console to the
+    # progress bar and the results unless --verbosity / -v asks for more.
+    logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is None:
     sys.exit("error: --config is required, e.g. --config configs/arith.py")
   if not _WORKDIR.value:

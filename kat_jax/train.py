@@ -241,6 +241,8 @@ def train(config, workdir) -> dict:
   per_step = config.prompts_per_step * config.samples_per_prompt
   progress = _progress(config.steps, start_step) if main else None
   skips = int(meta.get("consecutive_skips", 0))
+  # Converted once: a KAT run's cut lengths can be tens of thousands of entries.
+  random_lengths = jnp.asarray(config.kat.random_lengths, jnp.int32)
   for step in range(start_step, config.steps):
     t0 = time.perf_counter()
     step_key = jax.random.fold_in(key, step)
@@ -253,8 +255,8 @@ def train(config, workdir) -> dict:
                              jax.random.fold_in(step_key, 0), run.rollout_cfg, tau=tau,
                              spike_tau=config.kat.spike_tau)
     if config.kat.mode == "random":
-      result = rollout.apply_random_truncation(
-          result, jax.random.fold_in(step_key, 1), jnp.asarray(config.kat.random_lengths))
+      result = rollout.apply_random_truncation(result, jax.random.fold_in(step_key, 1),
+                                               random_lengths)
     th_state = threshold.observe(th_state, result.window_mean_BxN, result.window_complete_BxN,
                                  run.threshold_cfg)
     new_params, opt_state, m = opd.update(
