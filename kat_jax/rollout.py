@@ -340,6 +340,11 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
   b = prompt_BxP.shape[0]
   if b % batch_multiple:
     raise ValueError(f"batch size {b} is not a multiple of batch_multiple={batch_multiple}.")
+  # Scalars (key, thresholds) go where the params are: replicated over their mesh, if any.
+  where = getattr(student.embed[...], "sharding", None)
+  if isinstance(where, jax.sharding.NamedSharding):
+    rep = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+    key, tau, spike_tau = jax.device_put((key, jnp.float32(tau), jnp.float32(spike_tau)), rep)
   state = _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP,
                    jnp.asarray(start_B, jnp.int32), key, tau, spike_tau, cfg=cfg)
   multiple = cfg.compact_multiple

@@ -135,3 +135,21 @@ def to_host(tree):
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def onto_mesh(tree, mesh: Mesh):
+  """Every array of `tree` not already laid out on `mesh` becomes replicated over it.
+
+  For the small state that lives beside sharded params (optimizer step counts, KAT threshold):
+  a value committed to one device cannot enter a jitted step with mesh-sharded arguments, and a
+  checkpoint restores each array with the sharding its template had.
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def place(x):
+    s = getattr(x, "sharding", None)
+    if isinstance(s, NamedSharding) and s.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated)
+
+  return jax.tree.map(place, tree)

@@ -86,6 +86,7 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   # Each tensor goes straight to its place on the mesh; the teacher holds params only (no
   # optimizer state, nothing kept for a backward pass): its inference layout.
   student, s_cfg = hf.load(config.student, dtype=dtype, mesh=mesh)
+  teacher = None
   if with_teacher:
     teacher, _ = hf.load(config.teacher, dtype=dtype, mesh=mesh)
     vocab_size, eos_ids = compat.vocab_size, compat.eos_token_ids
@@ -174,7 +175,8 @@ def _load_latest(config, workdir) -> tuple[Run, int | None]:
   step = manager.latest_step()
   if step is not None:
     _, s_params = nnx.split(run.student, nnx.Param)
-    _restore(run, manager, step, run.tx.init(s_params), threshold.init())
+    _restore(run, manager, step, sharding.onto_mesh(run.tx.init(s_params), run.mesh),
+             sharding.onto_mesh(threshold.init(), run.mesh))
   return run, step
 
 
@@ -215,8 +217,10 @@ def train(config, workdir) -> dict:
     (run.workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   s_graph, s_params = nnx.split(run.student, nnx.Param)
   t_graph, t_params = nnx.split(run.teacher)
-  opt_state = run.tx.init(s_params)
-  th_state = threshold.init()
+  # Optimizer moments follow the params' shardings; scalars (step counts, the KAT threshold)
+  # are replicated over the mesh, and checkpoints restore them that way.
+  opt_state = sharding.onto_mesh(run.tx.init(s_params), run.mesh)
+  th_state = sharding.onto_mesh(threshold.init(), run.mesh)
   manager = _manager(run)
   start_step, meta = 0, {"consecutive_skips": 0}
   latest = manager.latest_step()
