@@ -19,6 +19,7 @@ workers start in about a second.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import multiprocessing
 import re
@@ -130,6 +131,9 @@ def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
       _POOL = concurrent.futures.ProcessPoolExecutor(
           workers, mp_context=multiprocessing.get_context("spawn"))
       _POOL_SIZE = workers
+      # Shut the workers down before interpreter teardown (otherwise the executor's weakref
+      # callback can run after its modules are gone and print a traceback at exit).
+      atexit.register(shutdown)
     return _POOL
 
 
