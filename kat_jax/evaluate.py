@@ -111,6 +111,7 @@ def sample(model, prompts_ids: list[list[int]], n: int, key, cfg: EvalConfig, *,
   import jax
 
   from kat_jax import rollout
+  from kat_jax.sharding import to_host
   rows = [p for p in prompts_ids for _ in range(n)]
   sampling = rollout.SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k,
                                     top_p=cfg.top_p)
@@ -124,6 +125,7 @@ def sample(model, prompts_ids: list[list[int]], n: int, key, cfg: EvalConfig, *,
     tokens, length = rollout.generate(model, prompt, start, jax.random.fold_in(key, c),
                                       max_new_tokens=cfg.max_new_tokens, eos_ids=tuple(eos_ids),
                                       pad_id=pad_id, vocab_size=vocab_size, sampling=sampling)
+    tokens, length = to_host((tokens, length))  # gathered when the params span hosts
     tokens, length = np.asarray(tokens)[:real], np.asarray(length)[:real]
     lengths.extend(int(x) for x in length)
     outputs.extend([int(t) for t in row[:m] if int(t) not in eos_ids]

@@ -7,6 +7,7 @@ problem -- no traceback -- before anything is loaded or compiled.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
@@ -26,8 +27,11 @@ def _run(config, workdir: str) -> None:
     raise ValueError(f"config.mode={mode!r} is not one of {MODES}; set --config.mode.")
   if config.get("distributed", False):
     # Multi-host (TPU pod slice, GPU cluster): must precede any use of the devices. On TPU VMs
-    # and SLURM / Open MPI clusters the coordinator and process ids are found automatically.
-    jax.distributed.initialize()
+    # and SLURM / Open MPI clusters the coordinator and process ids are found automatically;
+    # elsewhere set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                              ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
+    jax.distributed.initialize(**env)
   if jax.process_index() == 0:
     print(f"JAX {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), "
           f"{jax.process_count()} process(es)", flush=True)

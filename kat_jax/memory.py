@@ -156,7 +156,7 @@ def meshes(n_devices: int):
 def device_memory_bytes() -> float | None:
   """The first device's memory limit when the backend reports one (GPU / TPU), else None."""
   import jax
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   return float(stats["bytes_limit"]) if "bytes_limit" in stats else None
 
 

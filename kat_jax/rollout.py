@@ -33,7 +33,7 @@ from flax import nnx
 
 from kat_jax import kat as kat_lib
 from kat_jax.models import KVCache, Transformer
-from kat_jax.sharding import to_host
+from kat_jax.sharding import replicate, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,8 +343,8 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
   # Scalars (key, thresholds) go where the params are: replicated over their mesh, if any.
   where = getattr(student.embed[...], "sharding", None)
   if isinstance(where, jax.sharding.NamedSharding):
-    rep = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
-    key, tau, spike_tau = jax.device_put((key, jnp.float32(tau), jnp.float32(spike_tau)), rep)
+    key, tau, spike_tau = (replicate(x, where.mesh) for x in (
+        key, np.float32(to_host(tau)), np.float32(to_host(spike_tau))))
   state = _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP,
                    jnp.asarray(start_B, jnp.int32), key, tau, spike_tau, cfg=cfg)
   multiple = cfg.compact_multiple
@@ -361,7 +361,7 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
                          cfg=cfg)
     done = np.asarray(to_host(state.done_B))  # every process takes the same compaction decision
     live = int((~done).sum())
-    if live == 0 or int(state.step) >= cfg.buffer_len:
+    if live == 0 or int(to_host(state.step)) >= cfg.buffer_len:
       break
     # Park everything (finished rows are final; live rows get overwritten later), then continue
     # with the live rows in the smallest bucket that holds them, padded with finished rows.

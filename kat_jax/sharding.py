@@ -137,6 +137,20 @@ def to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def replicate(x, mesh: Mesh):
+  """`x` (a host value, a jax.Array on one device, or a PRNG key) replicated over `mesh`.
+
+  Built from host data shard by shard, so it also works when the mesh spans processes (where a
+  device_put onto devices of other hosts is not allowed).
+  """
+  sharding = NamedSharding(mesh, PartitionSpec())
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = replicate(jax.random.key_data(x), mesh)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  host = np.asarray(jax.device_get(x))
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
 def onto_mesh(tree, mesh: Mesh):
   """Every array of `tree` not already laid out on `mesh` becomes replicated over it.
 
@@ -144,12 +158,11 @@ def onto_mesh(tree, mesh: Mesh):
   a value committed to one device cannot enter a jitted step with mesh-sharded arguments, and a
   checkpoint restores each array with the sharding its template had.
   """
-  replicated = NamedSharding(mesh, PartitionSpec())
 
   def place(x):
     s = getattr(x, "sharding", None)
     if isinstance(s, NamedSharding) and s.mesh == mesh:
       return x
-    return jax.device_put(x, replicated)
+    return replicate(x, mesh)
 
   return jax.tree.map(place, tree)

@@ -279,7 +279,7 @@ def train(config, workdir) -> dict:
                kl_sampled=float(res.logratio_BxT[gen_mask].mean()) if gen else 0.0,
                trap_rate=float(res.terminated_B.mean()), gen_len=float(res.length_B.mean()),
                trained_len=float(res.trained_len_B.mean()),
-               tokens_saved_frac=saved / max(gen + saved, 1), tau=float(tau),
+               tokens_saved_frac=saved / max(gen + saved, 1), tau=float(sharding.to_host(tau)),
                tokens_per_s=gen / step_time, step_time=step_time)
     totals["generated"] += gen
     totals["trained"] += int(res.trained_len_B.sum())
