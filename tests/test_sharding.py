@@ -92,3 +92,14 @@ def test_mesh_shape_resolution_and_errors():
     sharding.mesh_shape(-1, -1, 1, n_devices=8)
   with pytest.raises(ValueError, match="has 4 devices but 8 are available"):
     sharding.mesh_shape(2, 2, 1, n_devices=8)
+
+
+def test_kv_cache_layout_on_a_mesh(models):
+  """Both caches: batch over data x fsdp, KV heads over tensor (2 heads on a 2-way axis)."""
+  mesh = sharding.make_mesh((2, 2, 2))
+  student, _ = hf.load(models[0], mesh=mesh)
+  graph, params = nnx.split(student)
+  cache = jax.jit(lambda p: nnx.merge(graph, p).init_cache(8, 24))(params)
+  spec = cache.k[0].sharding.spec
+  assert tuple(spec)[:2] == (("data", "fsdp"), "tensor")
+  assert len(cache.v[-1].sharding.device_set) == 8

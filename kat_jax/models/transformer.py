@@ -281,6 +281,18 @@ class Transformer(nnx.Module):
       x = self._constrain(x)
     return x
 
+  def _constrain_cache(self, kv_BxKxSxD):
+    """On a mesh: the cache's batch over the batch axes, KV heads over `tensor` when it divides
+    them (the logical names batch / kv_heads of kat_jax.sharding's rules)."""
+    if self.act_sharding is None:
+      return kv_BxKxSxD
+    from kat_jax import sharding  # local: the model module does not depend on the mesh code
+    mesh = self.act_sharding.mesh
+    batch = self.act_sharding.spec[0]
+    heads = sharding.logical_to_spec(("kv_heads",), kv_BxKxSxD.shape[1:2], mesh)[0]
+    spec = jax.sharding.PartitionSpec(batch, heads, None, None)
+    return jax.lax.with_sharding_constraint(kv_BxKxSxD, jax.sharding.NamedSharding(mesh, spec))
+
   def _constrain(self, x_BxTxE):
     if self.act_sharding is None:
       return x_BxTxE
@@ -297,8 +309,8 @@ class Transformer(nnx.Module):
     shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = dtype or cfg.dtype
     # Distinct buffers per layer and for k / v: donation needs them not to alias.
-    k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    k = tuple(self._constrain_cache(jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+    v = tuple(self._constrain_cache(jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
     if start_B is None:
       start_B = jnp.zeros((batch_size,), jnp.int32)
     return KVCache(k=k, v=v, start_B=jnp.asarray(start_B, jnp.int32),
