@@ -16,7 +16,6 @@ tokenizer's chat template when it has one.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -67,21 +66,15 @@ def gold_answer(raw, answer_format: str) -> str:
 def _read_jsonl(path: Path, problem_fields, answer_field: str) -> tuple[list[str], list]:
   if not path.is_file():
     raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist.")
+  from kat_jax.data.sources import iter_jsonl
   problems, answers = [], []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from None
-      field = next((p for p in problem_fields if p in rec), None)
-      if field is None or answer_field not in rec:
-        raise ValueError(f"{path}:{lineno}: needs a problem field ({' / '.join(problem_fields)})"
-                         f" and an {answer_field!r} field; found {sorted(rec)}.")
-      problems.append(str(rec[field]))
-      answers.append(rec[answer_field])
+  for lineno, rec in iter_jsonl(path, "an object with a problem and an answer"):
+    field = next((p for p in problem_fields if p in rec), None)
+    if field is None or answer_field not in rec:
+      raise ValueError(f"{path}:{lineno}: needs a problem field ({' / '.join(problem_fields)})"
+                       f" and an {answer_field!r} field; found {sorted(rec)}.")
+    problems.append(str(rec[field]))
+    answers.append(rec[answer_field])
   if not problems:
     raise ValueError(f"{path}: no problems in the file.")
   return problems, answers

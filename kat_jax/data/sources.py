@@ -53,6 +53,19 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
     raise FileNotFoundError(f"prompt file {str(path)!r} does not exist; give a JSONL file with "
                             'one {"prompt": ..., "answer": ...} object per line.')
   records = []
+  for lineno, rec in iter_jsonl(path, "an object with 'prompt' and 'answer'"):
+    for field in ("prompt", "answer"):
+      if not isinstance(rec.get(field), (str, int, float)) or rec.get(field) == "":
+        raise ValueError(f"{path}:{lineno}: field {field!r} is missing or empty; every line "
+                         'needs {"prompt": "...", "answer": "..."}.')
+    records.append({"prompt": str(rec["prompt"]), "answer": str(rec["answer"])})
+  if not records:
+    raise ValueError(f"{path} holds no records.")
+  return records
+
+
+def iter_jsonl(path: Path, expected: str):
+  """(line number, object) for every non-blank line; bad JSON is an error naming file and line."""
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
@@ -62,12 +75,5 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from None
       if not isinstance(rec, dict):
-        raise ValueError(f"{path}:{lineno}: expected an object with 'prompt' and 'answer'.")
-      for field in ("prompt", "answer"):
-        if not isinstance(rec.get(field), (str, int, float)) or rec.get(field) == "":
-          raise ValueError(f"{path}:{lineno}: field {field!r} is missing or empty; every line "
-                           'needs {"prompt": "...", "answer": "..."}.')
-      records.append({"prompt": str(rec["prompt"]), "answer": str(rec["answer"])})
-  if not records:
-    raise ValueError(f"{path} holds no records.")
-  return records
+        raise ValueError(f"{path}:{lineno}: expected {expected}.")
+      yield lineno, rec
