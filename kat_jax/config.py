@@ -62,10 +62,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.eval_every = 0  # 0 = only before and after
   c.eval_size = 256  # problems per benchmark (training: 0 turns evaluation off; mode=eval: 0 = all)
   # Evaluation (kat_jax.evaluate): benchmarks are comma-separated specs, see
-  # kat_jax/data/benchmarks.py ('arith', 'math500', 'aime24=/data/aime24.jsonl', 'my.jsonl').
+  # kat_jax/data/benchmarks.py ('arith', 'math500', 'aime24=/data/aime24.jsonl', 'my.jsonl');
+  # "" = the training data's held-out prompts (arith's eval split, or data.eval_path / data.path
+  # of a JSONL source), formatted exactly like the training prompts.
   # max_new_tokens 0 = the training max_new_tokens.
   c.eval = ml_collections.ConfigDict(dict(
-      benchmarks="arith", n=4, k=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=0,
+      benchmarks="", n=4, k=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=0,
       batch_size=256, workers=2, bootstrap=1000, chat_template=True))
   c.export = True
   c.log_rollouts = False  # DIR/rollouts.jsonl: per-rollout length, trained length, cut, EOS
@@ -135,7 +137,7 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
           "mode='random' needs a non-empty list of lengths >= 0 to draw cut points from (e.g. a "
           "KAT run's trained lengths from its rollouts.jsonl; see configs/arith_compare.py).")
   try:
-    specs = benchmarks.parse_specs(config.eval.benchmarks)
+    specs = benchmarks.parse_specs(config.eval.benchmarks) if config.eval.benchmarks else []
   except ValueError as e:
     _fail("eval.benchmarks", config.eval.benchmarks, str(e))
   for name, path in specs:

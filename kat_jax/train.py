@@ -103,10 +103,15 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   # Benchmarks load before anything compiles: a missing file or set fails fast.
   train_eval = config.mode == "eval" or (config.mode == "train" and config.eval_size > 0)
   try:
-    benches = [bench_lib.load(spec, limit=config.eval_size, model_dir=config.student,
-                              use_chat_template=config.eval.chat_template,
-                              arith_seed=config.data.seed, arith_ops=config.data.n_ops)
-               for spec in bench_lib.parse_specs(config.eval.benchmarks)] if train_eval else []
+    if not train_eval:
+      benches = []
+    elif not config.eval.benchmarks:
+      benches = [bench_lib.heldout(config.data, config.eval_size)]
+    else:
+      benches = [bench_lib.load(spec, limit=config.eval_size, model_dir=config.student,
+                                use_chat_template=config.eval.chat_template,
+                                arith_seed=config.data.seed, arith_ops=config.data.n_ops)
+                 for spec in bench_lib.parse_specs(config.eval.benchmarks)]
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(f"config.eval.benchmarks={config.eval.benchmarks!r}: {e}") from None
   return Run(

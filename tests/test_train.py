@@ -193,3 +193,20 @@ def test_eval_and_export_modes_use_the_latest_checkpoint(models, tmp_path):
   report = json.loads((workdir / "eval.json").read_text())
   assert report["step"] == 2 and 0.0 <= report["macro"]["avg@4"] <= 1.0
   assert report["benchmarks"]["arith"]["problems"] == 8 and "pass@4" in out.stdout
+
+
+def test_default_eval_is_the_training_datas_held_out_prompts(models, tmp_path):
+  """eval.benchmarks="" evaluates data.eval_path of a JSONL source, formatted like training."""
+  from kat_jax.data import arith
+  rows = [arith.make_problem(3, i, split="eval") for i in range(5)]
+  path = tmp_path / "heldout.jsonl"
+  path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, _, a in rows))
+  cfg = tiny_config(*models)
+  cfg.data.source, cfg.data.path, cfg.eval_size = "jsonl", str(path), 3
+  run = train.setup(cfg, tmp_path / "run")
+  (bench,) = run.benchmarks
+  assert bench.name == "heldout" and bench.prompts == [p for p, _, _ in rows[:3]]
+  assert bench.golds == [a for _, _, a in rows[:3]]
+  cfg.data.source = "arith"
+  (bench,) = train.setup(cfg, tmp_path / "run").benchmarks
+  assert bench.name == "arith" and len(bench.prompts) == 3

@@ -171,3 +171,20 @@ def load(spec: tuple[str, str | None], *, limit: int = 0, model_dir: str | Path 
   template, special = (chat.load_template(model_dir) if model_dir is not None and use_chat_template
                        else (None, {}))
   return Benchmark(name, problems, golds, format_prompts(problems, template, special))
+
+
+def heldout(data_cfg, limit: int) -> Benchmark:
+  """The training data's held-out prompts, formatted as in training (no instruction / template):
+  the arithmetic task's eval split, or the JSONL at data.eval_path (else data.path)."""
+  from kat_jax.data import sources
+  if data_cfg.source == "arith":
+    source = sources.ArithSource(seed=data_cfg.seed + 1, n_ops=data_cfg.n_ops, split="eval")
+    pairs = source.batch(0, limit or 256)
+    name = "arith"
+  else:
+    path = Path(data_cfg.eval_path or data_cfg.path)
+    records = sources.read_jsonl(path)
+    pairs = [(r["prompt"], r["answer"]) for r in records[:limit or len(records)]]
+    name = "heldout"
+  problems, golds = map(list, zip(*pairs))
+  return Benchmark(name, problems, golds, list(problems))
