@@ -22,11 +22,11 @@ def get_config(arg: str | None = "teacher") -> ml_collections.ConfigDict:
   c.weight_decay = 0.0
   c.eval_every = 100
   c.eval_size = 256
+  c.learning_rate = 2e-3
   if arg == "teacher":
     c.model = ml_collections.ConfigDict(dict(hidden_size=160, intermediate_size=432,
                                              num_layers=4, num_heads=4, num_kv_heads=4,
                                              head_dim=40))
-    c.learning_rate = 2e-3
     c.steps = 2000
     c.eval_temperature = 0.0
     c.select = "last"
@@ -36,7 +36,6 @@ def get_config(arg: str | None = "teacher") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(hidden_size=96, intermediate_size=256,
                                              num_layers=3, num_heads=4, num_kv_heads=4,
                                              head_dim=24))
-    c.learning_rate = 2e-3
     c.steps = 1400
     c.eval_every = 50
     c.eval_temperature = 1.0

@@ -135,8 +135,7 @@ def uncut_rollouts(student_dir, teacher_dir, n_problems: int, samples: int, seed
   cfg = rollout.RolloutConfig(max_new_tokens=max_new_tokens, eos_ids=(arith.EOS_ID,),
                               pad_id=arith.PAD_ID, vocab_size=vocab,
                               kat=kat.KATConfig(mode="none", window=window))
-  source = arith.make_problem
-  problems = [source(seed + 1, i, 3, "eval") for i in range(n_problems)]
+  problems = [arith.make_problem(seed + 1, i, 3, "eval") for i in range(n_problems)]
   rows = [(p, a) for p, _, a in problems for _ in range(samples)]
   out = {f: [] for f in ("kl", "logratio", "length", "eos", "window_mean", "window_complete")}
   texts = []

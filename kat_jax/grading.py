@@ -148,15 +148,8 @@ def shutdown() -> None:
 
 def grade(completion: str, gold: str) -> bool:
   """True iff the last boxed answer in `completion` equals `gold` (see the module docstring)."""
-  answer = extract_boxed(completion)
-  if answer is None:
-    return False
-  fast = fast_equal(answer, str(gold))
-  if fast is not None:
-    return fast
-  if threading.current_thread() is threading.main_thread():
-    return _verify_pairs([(answer, str(gold))])[0]
-  return _pool(1).submit(_verify_pairs, [(answer, str(gold))]).result()[0]
+  in_main = threading.current_thread() is threading.main_thread()
+  return grade_many([completion], [gold], workers=0 if in_main else 1)[0]
 
 
 def grade_many(completions: list[str], golds: list[str], workers: int = 2,

@@ -204,6 +204,14 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
               attn_chunk=config.attn_chunk, device_memory=device_memory)
 
 
+def plans(config, n_devices: int, device_memory: float | None, accelerator: bool):
+  """The plan of every mesh of n_devices the batch can be split over (validate's rule)."""
+  batch = config.prompts_per_step * config.samples_per_prompt
+  for shape in meshes(n_devices):
+    if batch % (shape[0] * shape[1] * config.loss.microbatches) == 0:
+      yield for_config(config, shape, device_memory, accelerator)
+
+
 def check(config, mesh_shape, n_devices: int, device_memory: float | None,
           accelerator: bool) -> Plan:
   """The plan, or a ConfigError naming a mesh that fits (or what else to change)."""
@@ -211,14 +219,9 @@ def check(config, mesh_shape, n_devices: int, device_memory: float | None,
   p = for_config(config, mesh_shape, device_memory, accelerator)
   if p.fits:
     return p
-  kw = dict(batch=config.prompts_per_step * config.samples_per_prompt)
-  better = None
-  for shape in meshes(n_devices):
-    if kw["batch"] % (shape[0] * shape[1]):
-      continue
-    q = for_config(config, shape, device_memory, accelerator)
-    if q.fits and (better is None or (shape[0], shape[1]) > (better.mesh[0], better.mesh[1])):
-      better = q
+  # The fitting mesh with the most data parallelism, then FSDP.
+  better = max((q for q in plans(config, n_devices, device_memory, accelerator) if q.fits),
+               key=lambda q: q.mesh[:2], default=None)
   need = f"needs {p.peak / GiB:.1f} GiB per device but the devices have {device_memory / GiB:.1f}"
   if better is not None:
     d, f, t = better.mesh
@@ -245,17 +248,12 @@ def main(argv=None) -> None:
   config = load_module(path).get_config(arg or None)
   config.dtype = args.dtype
   mem = args.device_memory_gb * GiB
-  shapes = ([tuple(int(x) for x in args.mesh.split(","))] if args.mesh
-            else list(meshes(args.devices)))
-  batch = config.prompts_per_step * config.samples_per_prompt
-  shown = 0
-  for shape in shapes:
-    if batch % (shape[0] * shape[1]):
-      continue
-    p = for_config(config, shape, mem, accelerator=True)
-    if args.mesh or p.fits:
-      print(p.table() + ("" if p.fits else "\n  -> does NOT fit") + "\n")
-      shown += 1
+  if args.mesh:
+    shown = [for_config(config, tuple(int(x) for x in args.mesh.split(",")), mem, True)]
+  else:
+    shown = [p for p in plans(config, args.devices, mem, True) if p.fits]
+  for p in shown:
+    print(p.table() + ("" if p.fits else "\n  -> does NOT fit") + "\n")
   if not shown:
     print(f"no mesh of {args.devices} devices fits {args.device_memory_gb} GiB per device.")
 

@@ -359,9 +359,11 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
     min_live = smaller[0] if smaller else 0
     state = _decode_loop(s_graph, s_params, t_graph, t_params, state, jnp.int32(min_live),
                          cfg=cfg)
-    done = np.asarray(to_host(state.done_B))  # every process takes the same compaction decision
+    # One host read per loop exit; every process takes the same compaction decision.
+    done, step = to_host((state.done_B, state.step))
+    done = np.asarray(done)
     live = int((~done).sum())
-    if live == 0 or int(to_host(state.step)) >= cfg.buffer_len:
+    if live == 0 or int(step) >= cfg.buffer_len:
       break
     # Park everything (finished rows are final; live rows get overwritten later), then continue
     # with the live rows in the smallest bucket that holds them, padded with finished rows.

@@ -103,7 +103,7 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int | None = None) 
   shape = [data, fsdp, tensor]
   if shape.count(-1) > 1:
     raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: at most one axis may be -1.")
-  if any(s == 0 or s < -1 for s in shape):
+  if any(s < 1 and s != -1 for s in shape):
     raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: sizes must be >= 1 (or -1).")
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:

@@ -57,18 +57,10 @@ def _tokenizer(model_dir: Path):
   return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 
 
-def _source(data_cfg, split: str):
-  from kat_jax.data import sources
-  if data_cfg.source == "arith":
-    return sources.ArithSource(seed=data_cfg.seed + (split == "eval"), n_ops=data_cfg.n_ops,
-                               split=split)
-  path = data_cfg.path if split == "train" else (data_cfg.eval_path or data_cfg.path)
-  return sources.JsonlSource(path, seed=data_cfg.seed)
-
-
 def setup(config, workdir, with_teacher: bool = True) -> Run:
   """Models, tokenizer, data and the static configs; `with_teacher=False` for evaluation only."""
   from kat_jax.data import benchmarks as bench_lib
+  from kat_jax.data import sources
   dtype = config.dtype or None
   shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   if with_teacher:
@@ -86,16 +78,13 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   # Each tensor goes straight to its place on the mesh; the teacher holds params only (no
   # optimizer state, nothing kept for a backward pass): its inference layout.
   student, s_cfg = hf.load(config.student, dtype=dtype, mesh=mesh)
-  teacher = None
+  student.remat, student.attn_chunk = config.remat, config.attn_chunk
+  tokenizer = _tokenizer(Path(config.student))
   if with_teacher:
     teacher, _ = hf.load(config.teacher, dtype=dtype, mesh=mesh)
-    vocab_size, eos_ids = compat.vocab_size, compat.eos_token_ids
-  student.remat = config.remat
-  student.attn_chunk = config.attn_chunk
-  if teacher is not None:
     teacher.attn_chunk = config.attn_chunk
-  tokenizer = _tokenizer(Path(config.student))
-  if not with_teacher:
+    vocab_size, eos_ids = compat.vocab_size, compat.eos_token_ids
+  else:
     # Sample only ids the tokenizer has (checkpoints often pad the embedding past it).
     teacher, eos_ids = None, tuple(s_cfg.eos_token_ids)
     vocab_size = min(s_cfg.vocab_size, max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1)
@@ -117,7 +106,7 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   return Run(
       config=config, workdir=Path(workdir), student=student, teacher=teacher, s_cfg=s_cfg,
       vocab_size=vocab_size, eos_ids=eos_ids, pad_id=pad_id,
-      tokenizer=tokenizer, source=_source(config.data, "train"), benchmarks=benches,
+      tokenizer=tokenizer, source=sources.from_config(config.data, "train"), benchmarks=benches,
       eval_cfg=eval_config(config), mesh=mesh,
       tx=opd.make_optimizer(opd.OptimConfig(**config.optim)),
       loss_cfg=opd.LossConfig(vocab_size=vocab_size, **config.loss),

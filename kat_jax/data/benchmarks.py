@@ -16,6 +16,7 @@ tokenizer's chat template when it has one.
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -153,11 +154,8 @@ def load(spec: tuple[str, str | None], *, limit: int = 0, model_dir: str | Path 
   from kat_jax.data import chat
   name, path = spec
   if name == "arith" and path is None:
-    from kat_jax.data import sources
-    source = sources.ArithSource(seed=arith_seed + 1, n_ops=arith_ops, split="eval")
-    problems, golds = map(list, zip(*source.batch(0, limit or 256)))
-    # The embedded task's models take the bare problem: no instruction, no chat template.
-    return Benchmark(name, problems, golds, list(problems))
+    arith_data = types.SimpleNamespace(source="arith", seed=arith_seed, n_ops=arith_ops)
+    return heldout(arith_data, limit)
   preset = PRESETS.get(name)
   if path is not None:
     fields = (preset.problem_field,) if preset else ("problem", "question", "prompt")
@@ -177,14 +175,12 @@ def heldout(data_cfg, limit: int) -> Benchmark:
   """The training data's held-out prompts, formatted as in training (no instruction / template):
   the arithmetic task's eval split, or the JSONL at data.eval_path (else data.path)."""
   from kat_jax.data import sources
+  source = sources.from_config(data_cfg, "eval")
   if data_cfg.source == "arith":
-    source = sources.ArithSource(seed=data_cfg.seed + 1, n_ops=data_cfg.n_ops, split="eval")
-    pairs = source.batch(0, limit or 256)
-    name = "arith"
-  else:
-    path = Path(data_cfg.eval_path or data_cfg.path)
-    records = sources.read_jsonl(path)
-    pairs = [(r["prompt"], r["answer"]) for r in records[:limit or len(records)]]
-    name = "heldout"
+    pairs, name = source.batch(0, limit or 256), "arith"
+  else:  # in file order (the training source permutes per epoch)
+    pairs, name = [(r["prompt"], r["answer"]) for r in source.records], "heldout"
+    pairs = pairs[:limit or len(pairs)]
   problems, golds = map(list, zip(*pairs))
+  # As in training: the bare prompt, no instruction, no chat template.
   return Benchmark(name, problems, golds, list(problems))

@@ -47,6 +47,15 @@ class JsonlSource:
     return [self.example(i) for i in range(start, start + n)]
 
 
+def from_config(data_cfg, split: str):
+  """The training (split="train") or held-out ("eval") source of a config's `data` group: the
+  arithmetic task's split (held-out problems use seed + 1), or data.path / data.eval_path."""
+  if data_cfg.source == "arith":
+    return ArithSource(seed=data_cfg.seed + (split == "eval"), n_ops=data_cfg.n_ops, split=split)
+  path = data_cfg.path if split == "train" else (data_cfg.eval_path or data_cfg.path)
+  return JsonlSource(path, seed=data_cfg.seed)
+
+
 def read_jsonl(path: Path) -> list[dict[str, str]]:
   """Reads prompt/answer records; a bad line is an error naming the file, line and field."""
   if not path.is_file():
