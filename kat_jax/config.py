@@ -31,7 +31,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.prompts_per_step = 16
   c.samples_per_prompt = 4
   c.max_new_tokens = 64
-  c.data = ml_collections.ConfigDict(dict(source="arith", path="", eval_path="", seed=0, n_ops=3))
+  # source: arith | jsonl (path, eval_path) | reasoning_gym (tasks, kat_jax/data/gym.py).
+  # instruction / chat_template: reasoning_gym prompts = question + instruction, through the
+  # student's chat template. extract: how held-out answers are read ('boxed' | 'last_number').
+  c.data = ml_collections.ConfigDict(dict(
+      source="arith", path="", eval_path="", seed=0, n_ops=3, tasks="", instruction="",
+      chat_template=False, extract="boxed"))
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0))
   c.kat = ml_collections.ConfigDict(dict(
       mode="kat", signal="kl", window=32, patience=4, min_len=256, cut="onset", spike_gate=False,
@@ -144,13 +149,21 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     if path is not None and not Path(path).is_file():
       _fail("eval.benchmarks", config.eval.benchmarks,
             f"benchmark file {path!r} ({name}) does not exist; give an existing JSONL file.")
-  if config.data.source not in ("arith", "jsonl"):
-    _fail("data.source", config.data.source, "use 'arith' or 'jsonl'.")
+  if config.data.source not in ("arith", "jsonl", "reasoning_gym"):
+    _fail("data.source", config.data.source, "use 'arith', 'jsonl' or 'reasoning_gym'.")
+  if config.data.extract not in ("boxed", "last_number"):
+    _fail("data.extract", config.data.extract, "use 'boxed' or 'last_number'.")
+  if config.data.source == "reasoning_gym":
+    from kat_jax.data import gym
+    try:
+      gym.make_datasets(config.data.tasks, config.data.seed)
+    except ValueError as e:
+      _fail("data.tasks", config.data.tasks, str(e))
   if config.data.source == "jsonl" and not Path(config.data.path).is_file():
     _fail("data.path", config.data.path, "no such file; give a JSONL file of "
           '{"prompt": ..., "answer": ...} lines.')
   try:  # the dataclasses' own range checks, reported with the config field
-    rollout_config(config, (0,), 0, 1)
+    positions = rollout_config(config, (0,), 0, 1).buffer_len
     threshold_config(config)
     from kat_jax import opd
     opd.OptimConfig(**config.optim)
@@ -158,6 +171,12 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     eval_config(config)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
+  chunk = config.loss.chunk
+  if 0 < chunk < positions and positions % chunk:
+    divisors = [d for d in range(config.kat.window, positions + 1, config.kat.window)
+                if positions % d == 0]
+    _fail("loss.chunk", chunk, f"must divide the {positions} generated positions (max_new_tokens "
+          f"rounded up to whole kat.window={config.kat.window} windows); use one of {divisors}.")
   if check_models:
     # mode=eval samples from the student alone: no teacher needed.
     for field in ("student",) if config.mode == "eval" else ("student", "teacher"):

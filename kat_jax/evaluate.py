@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from kat_jax.grading import extract_boxed, grade, grade_many  # noqa: F401  (public names)
+from kat_jax.grading import extract_answer, extract_boxed, grade, grade_many  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +92,8 @@ def summarize(results: dict[str, dict], k: int, replicates: int, seed: int = 0) 
                  f"avg@{k}": float(avg_P.mean()), f"pass@{k}": float(pass_P.mean()),
                  "no_answer_rate": float(1.0 - np.mean(r["answered_PxN"])),
                  "mean_length": float(np.mean(r["length_PxN"]))}
+    if "loop_PxN" in r:  # completions with a repetition loop (kat_jax.loops)
+      per[name]["loop_rate"] = float(np.mean(r["loop_PxN"]))
   macro = {f"avg@{k}": float(np.mean([per[n][f"avg@{k}"] for n in names])),
            f"pass@{k}": float(np.mean([per[n][f"pass@{k}"] for n in names]))}
   if replicates:
@@ -141,6 +143,8 @@ def evaluate(model, tokenizer, benchmarks, cfg: EvalConfig, key, *, eos_ids, pad
   benchmark, nothing heavier than numbers -- completions are not kept.
   """
   import jax
+
+  from kat_jax import loops
   results = {}
   for i, bench in enumerate(benchmarks):
     ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in bench.prompts]
@@ -148,11 +152,14 @@ def evaluate(model, tokenizer, benchmarks, cfg: EvalConfig, key, *, eos_ids, pad
                                  eos_ids=eos_ids, pad_id=pad_id, vocab_size=vocab_size)
     texts = tokenizer.decode_batch(outputs, skip_special_tokens=True)
     golds = [g for g in bench.golds for _ in range(cfg.n)]
-    correct = grade_many(texts, golds, workers=cfg.workers)
-    answered = [extract_boxed(t) is not None for t in texts]
+    extract = bench.extract
+    correct = grade_many(texts, golds, workers=cfg.workers, extract=extract)
+    answered = [extract_answer(t, extract) is not None for t in texts]
     shape = (len(bench.prompts), cfg.n)
+    looped = [loops.find_loop(o) >= 0 for o in outputs]
     results[bench.name] = dict(correct_PxN=np.reshape(correct, shape),
-                               answered_PxN=np.reshape(answered, shape), length_PxN=length_PxN)
+                               answered_PxN=np.reshape(answered, shape), length_PxN=length_PxN,
+                               loop_PxN=np.reshape(looped, shape))
   report = summarize(results, cfg.k, cfg.bootstrap, seed)
   report.update(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                 max_new_tokens=cfg.max_new_tokens)
@@ -164,8 +171,9 @@ def flat_metrics(report: dict) -> dict[str, float]:
   k = report["k"]
   out = {f"avg@{k}": report["macro"][f"avg@{k}"], f"pass@{k}": report["macro"][f"pass@{k}"]}
   for name, r in report["benchmarks"].items():
-    for field in (f"avg@{k}", f"pass@{k}", "no_answer_rate", "mean_length"):
-      out[f"{name}/{field}"] = r[field]
+    for field in (f"avg@{k}", f"pass@{k}", "no_answer_rate", "mean_length", "loop_rate"):
+      if field in r:
+        out[f"{name}/{field}"] = r[field]
   return out
 
 
@@ -178,12 +186,12 @@ def format_table(report: dict) -> str:
     return f"{r[field]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
   head = (f"{'benchmark':<14} {'problems':>8} {'n':>3}  {f'avg@{k} [95% CI]':<24} "
-          f"{f'pass@{k} [95% CI]':<24} {'no-answer':>9} {'mean len':>8}")
+          f"{f'pass@{k} [95% CI]':<24} {'no-answer':>9} {'mean len':>8} {'loops':>6}")
   lines = [head, "-" * len(head)]
   for name, r in report["benchmarks"].items():
     lines.append(f"{name:<14} {r['problems']:>8} {report['n']:>3}  {cell(r, f'avg@{k}'):<24} "
                  f"{cell(r, f'pass@{k}'):<24} {r['no_answer_rate']:>9.3f} "
-                 f"{r['mean_length']:>8.1f}")
+                 f"{r['mean_length']:>8.1f} {r.get('loop_rate', float('nan')):>6.3f}")
   if len(report["benchmarks"]) > 1:
     m = report["macro"]
     lines.append(f"{'macro':<14} {'':>8} {'':>3}  {cell(m, f'avg@{k}'):<24} "

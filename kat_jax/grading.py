@@ -48,6 +48,21 @@ def extract_boxed(text: str) -> str | None:
   return None  # unclosed box: no answer
 
 
+_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_answer(text: str, extract: str = "boxed") -> str | None:
+  """The answer of `text`: the last `\\boxed{}`; with extract='last_number' and no box, the last
+  number written (`-14`, `1,000`, `2.5`, `3/4`) -- for models too small to box their answers."""
+  if extract not in ("boxed", "last_number"):
+    raise ValueError(f"extract={extract!r}; use 'boxed' or 'last_number'.")
+  boxed = extract_boxed(text)
+  if boxed is not None or extract == "boxed":
+    return boxed
+  numbers = _LAST_NUMBER.findall(text)
+  return numbers[-1].rstrip(",") if numbers else None
+
+
 # ------------------------------------------------------------------------------- fast path
 
 _SPACES = re.compile(r"\\[,;:! ]|\\quad|\\qquad|\s+")
@@ -153,14 +168,15 @@ def grade(completion: str, gold: str) -> bool:
 
 
 def grade_many(completions: list[str], golds: list[str], workers: int = 2,
-               chunk: int = 64) -> list[bool]:
-  """`grade` over many pairs; undecided ones go to `workers` processes (0: in this process)."""
+               chunk: int = 64, extract: str = "boxed") -> list[bool]:
+  """`grade` over many pairs; undecided ones go to `workers` processes (0: in this process).
+  `extract`: how the answer is read (`extract_answer`)."""
   if len(completions) != len(golds):
     raise ValueError(f"{len(completions)} completions but {len(golds)} golds.")
   out: list[bool | None] = []
   todo: list[tuple[int, str, str]] = []
   for i, (c, g) in enumerate(zip(completions, golds)):
-    answer = extract_boxed(c)
+    answer = extract_answer(c, extract)
     decided = False if answer is None else fast_equal(answer, str(g))
     out.append(decided)
     if decided is None:

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from kat_jax import evaluate as evaluate_lib
-from kat_jax import hf, memory, opd, rollout, sharding, threshold
+from kat_jax import hf, loops, memory, opd, rollout, sharding, threshold
 from kat_jax.config import eval_config, rollout_config, threshold_config
 from kat_jax.models.config import ConfigError
 
@@ -95,7 +95,7 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
     if not train_eval:
       benches = []
     elif not config.eval.benchmarks:
-      benches = [bench_lib.heldout(config.data, config.eval_size)]
+      benches = [bench_lib.heldout(config.data, config.eval_size, config.student)]
     else:
       benches = [bench_lib.load(spec, limit=config.eval_size, model_dir=config.student,
                                 use_chat_template=config.eval.chat_template,
@@ -106,7 +106,7 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   return Run(
       config=config, workdir=Path(workdir), student=student, teacher=teacher, s_cfg=s_cfg,
       vocab_size=vocab_size, eos_ids=eos_ids, pad_id=pad_id,
-      tokenizer=tokenizer, source=sources.from_config(config.data, "train"), benchmarks=benches,
+      tokenizer=tokenizer, source=sources.from_config(config.data, "train", config.student), benchmarks=benches,
       eval_cfg=eval_config(config), mesh=mesh,
       tx=opd.make_optimizer(opd.OptimConfig(**config.optim)),
       loss_cfg=opd.LossConfig(vocab_size=vocab_size, **config.loss),
@@ -235,7 +235,7 @@ def train(config, workdir) -> dict:
   if before:
     _log(metrics_file, writer, 0, {f"eval/{k}": v
                                    for k, v in evaluate_lib.flat_metrics(before).items()})
-  totals = dict(generated=0, trained=0, rows=0, terminated=0, saved=0)
+  totals = dict(generated=0, trained=0, rows=0, terminated=0, saved=0, looped=0)
   per_step = config.prompts_per_step * config.samples_per_prompt
   progress = _progress(config.steps, start_step) if main else None
   skips = int(meta.get("consecutive_skips", 0))
@@ -268,10 +268,13 @@ def train(config, workdir) -> dict:
     saved = int(np.sum(np.where(res.terminated_B, config.max_new_tokens - res.length_B, 0)))
     step_time = time.perf_counter() - t0
     gen_mask = np.arange(res.kl_BxT.shape[1])[None, :] < res.length_B[:, None]
+    # Ground truth for KAT on real models: rollouts with an n-gram repetition loop.
+    loop_B = loops.loop_onsets(res.tokens_BxT, res.length_B)
     rec = dict(loss=m["loss"], grad_norm=m["grad_norm"], skipped=m["skipped"],
                kl=float(res.kl_BxT[gen_mask].mean()) if gen else 0.0,
                kl_sampled=float(res.logratio_BxT[gen_mask].mean()) if gen else 0.0,
-               trap_rate=float(res.terminated_B.mean()), gen_len=float(res.length_B.mean()),
+               trap_rate=float(res.terminated_B.mean()), loop_rate=float((loop_B >= 0).mean()),
+               gen_len=float(res.length_B.mean()),
                trained_len=float(res.trained_len_B.mean()),
                tokens_saved_frac=saved / max(gen + saved, 1), tau=float(sharding.to_host(tau)),
                tokens_per_s=gen / step_time, step_time=step_time)
@@ -280,6 +283,7 @@ def train(config, workdir) -> dict:
     totals["rows"] += per_step
     totals["terminated"] += int(res.terminated_B.sum())
     totals["saved"] += saved
+    totals["looped"] += int((loop_B >= 0).sum())
     if skips >= config.max_consecutive_skips:
       raise TrainingStopped(
           f"step {step + 1}: {skips} consecutive non-finite updates (loss {m['loss']}); stopped "
@@ -292,7 +296,8 @@ def train(config, workdir) -> dict:
     if rollouts_file:
       rollouts_file.write(json.dumps(dict(
           step=step + 1, length=res.length_B.tolist(), trained_len=res.trained_len_B.tolist(),
-          terminated=res.terminated_B.tolist(), eos=res.eos_B.tolist())) + "\n")
+          terminated=res.terminated_B.tolist(), eos=res.eos_B.tolist(),
+          loop_onset=loop_B.tolist())) + "\n")
       rollouts_file.flush()
     if progress:
       progress.update(1)
@@ -327,6 +332,8 @@ def train(config, workdir) -> dict:
       mean_rollout_length=totals["generated"] / max(totals["rows"], 1),
       mean_trained_length=totals["trained"] / max(totals["rows"], 1),
       trap_rate=totals["terminated"] / max(totals["rows"], 1),
+      loop_rate=totals["looped"] / max(totals["rows"], 1),
+      loop_before=_mean_loop_rate(before), loop_after=_mean_loop_rate(after),
       tokens_saved_frac=totals["saved"] / max(totals["generated"] + totals["saved"], 1))
   if config.export:
     _export(run, run.workdir / "export")
@@ -335,6 +342,13 @@ def train(config, workdir) -> dict:
     (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_table(summary, start_step)
   return summary
+
+
+def _mean_loop_rate(report) -> float | None:
+  """Share of held-out completions with a repetition loop, averaged over benchmarks."""
+  rates = [r["loop_rate"] for r in (report or {}).get("benchmarks", {}).values()
+           if "loop_rate" in r]
+  return float(np.mean(rates)) if rates else None
 
 
 def _export(run: Run, out: Path) -> Path:
@@ -381,6 +395,9 @@ def _print_table(summary, start_step):
           ("mean rollout length (tokens)", summary["mean_rollout_length"]),
           ("mean trained length (tokens)", summary["mean_trained_length"]),
           ("trap rate (rows stopped by KAT)", summary["trap_rate"]),
+          ("rollouts with a repetition loop", summary["loop_rate"]),
+          ("held-out loop rate before", summary["loop_before"]),
+          ("held-out loop rate after", summary["loop_after"]),
           ("tokens saved (upper bound)", summary["tokens_saved_frac"])]
   note = f" (steps {start_step + 1}-{summary['steps']} of this run)" if start_step else ""
   print(f"\nkat_jax OPD summary{note}")

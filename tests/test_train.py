@@ -142,6 +142,15 @@ BAD = [
      r"config\.eval\.benchmarks=.*benchmark file '/nope/aime\.jsonl' \(aime24\) does not exist"),
     (dict(eval__temperature=-1.0), r"config\.eval\.temperature=-1\.0 must be >= 0"),
     (dict(mesh__tensor=3), r"config\.mesh=.*'tensor': 3.*8 devices are not a multiple of 3"),
+    (dict(data__source="gym"), r"config\.data\.source='gym': use 'arith', 'jsonl' or "
+                               r"'reasoning_gym'"),
+    (dict(data__source="reasoning_gym", data__tasks="chain_summ"),
+     r"config\.data\.tasks='chain_summ': task chain_summ: Dataset 'chain_summ' not registered"),
+    (dict(data__source="reasoning_gym", data__tasks="chain_sum(bogus=1)"),
+     r"config\.data\.tasks=.*unexpected keyword argument 'bogus'"),
+    (dict(loss__chunk=6), r"config\.loss\.chunk=6: must divide the 16 generated positions .*"
+                          r"use one of \[4, 8, 16\]"),
+    (dict(data__extract="first"), r"config\.data\.extract='first': use 'boxed' or 'last_number'"),
 ]
 
 

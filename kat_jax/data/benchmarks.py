@@ -50,6 +50,9 @@ class Benchmark:
   problems: list[str]
   golds: list[str]
   prompts: list[str]  # what the model sees (instruction, chat template applied)
+  # How answers are read: 'boxed' (the last \\boxed{}) or 'last_number' (the last \\boxed{}, else
+  # the last number in the completion: for models too small to box their answers).
+  extract: str = "boxed"
 
 
 def gold_answer(raw, answer_format: str) -> str:
@@ -171,11 +174,17 @@ def load(spec: tuple[str, str | None], *, limit: int = 0, model_dir: str | Path 
   return Benchmark(name, problems, golds, format_prompts(problems, template, special))
 
 
-def heldout(data_cfg, limit: int) -> Benchmark:
-  """The training data's held-out prompts, formatted as in training (no instruction / template):
-  the arithmetic task's eval split, or the JSONL at data.eval_path (else data.path)."""
+def heldout(data_cfg, limit: int, model_dir=None) -> Benchmark:
+  """The training data's held-out prompts, formatted exactly as in training: the arithmetic
+  task's eval split, the JSONL at data.eval_path (else data.path), or reasoning-gym's held-out
+  seed (instruction and chat template as in training)."""
   from kat_jax.data import sources
-  source = sources.from_config(data_cfg, "eval")
+  source = sources.from_config(data_cfg, "eval", model_dir)
+  extract = getattr(data_cfg, "extract", "boxed")
+  if data_cfg.source == "reasoning_gym":
+    pairs = source.batch(0, limit or 256)
+    return Benchmark("gym", [p for p, _ in pairs], [a for _, a in pairs], [p for p, _ in pairs],
+                     extract=extract)
   if data_cfg.source == "arith":
     pairs, name = source.batch(0, limit or 256), "arith"
   else:  # in file order (the training source permutes per epoch)
@@ -183,4 +192,4 @@ def heldout(data_cfg, limit: int) -> Benchmark:
     pairs = pairs[:limit or len(pairs)]
   problems, golds = map(list, zip(*pairs))
   # As in training: the bare prompt, no instruction, no chat template.
-  return Benchmark(name, problems, golds, list(problems))
+  return Benchmark(name, problems, golds, list(problems), extract=extract)

@@ -3,7 +3,8 @@
 That makes the data position in a checkpoint a single integer and resuming exact. Sources:
   * `ArithSource`: the embedded arithmetic task (kat_jax.data.arith);
   * `JsonlSource`: a local JSONL file, one `{"prompt": str, "answer": str}` object per line,
-    visited in a fresh seeded permutation each epoch.
+    visited in a fresh seeded permutation each epoch;
+  * `kat_jax.data.gym.GymSource`: reasoning-gym generators (data.source='reasoning_gym').
 """
 
 from __future__ import annotations
@@ -47,9 +48,20 @@ class JsonlSource:
     return [self.example(i) for i in range(start, start + n)]
 
 
-def from_config(data_cfg, split: str):
+def from_config(data_cfg, split: str, model_dir=None):
   """The training (split="train") or held-out ("eval") source of a config's `data` group: the
-  arithmetic task's split (held-out problems use seed + 1), or data.path / data.eval_path."""
+  arithmetic task's split (held-out problems use seed + 1), data.path / data.eval_path, or the
+  reasoning-gym tasks (formatted with `model_dir`'s chat template when data.chat_template)."""
+  if data_cfg.source == "reasoning_gym":
+    from kat_jax.data import chat, gym
+    template, special = (chat.load_template(model_dir)
+                         if data_cfg.chat_template and model_dir is not None else (None, {}))
+    if data_cfg.chat_template and template is None:
+      raise ValueError(f"data.chat_template=True but {model_dir} has no chat template; set "
+                       "data.chat_template=False for a base model.")
+    return gym.GymSource(data_cfg.tasks, seed=data_cfg.seed, split=split,
+                         instruction=data_cfg.instruction, chat_template=template,
+                         special=special)
   if data_cfg.source == "arith":
     return ArithSource(seed=data_cfg.seed + (split == "eval"), n_ops=data_cfg.n_ops, split=split)
   path = data_cfg.path if split == "train" else (data_cfg.eval_path or data_cfg.path)

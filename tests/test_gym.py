@@ -1,0 +1,90 @@
+"""reasoning-gym prompt source, answer extraction for small models, and their config checks."""
+
+import types
+
+import pytest
+
+from kat_jax import grading
+from kat_jax.data import benchmarks, chat, gym, sources
+
+reasoning_gym = pytest.importorskip("reasoning_gym")
+
+TASKS = ("chain_sum(min_terms=2, max_terms=2, min_digits=1, max_digits=1); "
+         "basic_arithmetic(min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=('+',))")
+
+
+def test_parse_tasks():
+  assert gym.parse_tasks(" a ; b(k=1, s='x', t=('+', '-')) ;") == [
+      ("a", {}), ("b", {"k": 1, "s": "x", "t": ("+", "-")})]
+  for bad, msg in (("a(", "cannot parse"), ("a(1)", "cannot parse"), ("a(k=x)", "literals"),
+                   ("", "no task given")):
+    with pytest.raises(ValueError, match=msg):
+      gym.parse_tasks(bad)
+
+
+def test_source_interleaves_tasks_and_matches_the_generators():
+  src = gym.GymSource(TASKS, seed=5)
+  chain = reasoning_gym.create_dataset("chain_sum", seed=5, size=10, min_terms=2, max_terms=2,
+                                       min_digits=1, max_digits=1)
+  arith = reasoning_gym.create_dataset("basic_arithmetic", seed=5, size=10, min_terms=2,
+                                       max_terms=2, min_digits=1, max_digits=1, operators=("+",))
+  for i in range(6):
+    ref = (chain if i % 2 == 0 else arith)[i // 2]
+    assert src.example(i) == (ref["question"], ref["answer"])
+  # A pure function of (seed, i): a fresh source (a resumed run) gives the same prompts.
+  assert gym.GymSource(TASKS, seed=5).batch(3, 4) == src.batch(3, 4)
+
+
+def test_eval_split_is_a_disjoint_seed_range():
+  train, held = gym.GymSource(TASKS, seed=0), gym.GymSource(TASKS, seed=0, split="eval")
+  assert held.seed == train.seed + gym.EVAL_SEED_OFFSET
+  assert held.batch(0, 8) != train.batch(0, 8)
+
+
+def test_prompts_use_instruction_and_chat_template(tmp_path):
+  template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+              "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+  (tmp_path / "tokenizer_config.json").write_text(
+      '{"chat_template": %s, "eos_token": "</s>"}' % __import__("json").dumps(template))
+  data = types.SimpleNamespace(source="reasoning_gym", tasks=TASKS, seed=1, instruction="Think.",
+                               chat_template=True, extract="last_number")
+  prompt, answer = sources.from_config(data, "train", tmp_path).example(0)
+  question = reasoning_gym.create_dataset(
+      "chain_sum", seed=1, size=1, min_terms=2, max_terms=2, min_digits=1, max_digits=1)[0]
+  assert prompt == f"<|user|>{question['question']}\n\nThink.</s><|assistant|>"
+  assert prompt == chat.render(template, [{"role": "user",
+                                           "content": f"{question['question']}\n\nThink."}],
+                               eos_token="</s>")
+  assert answer == question["answer"]
+  bench = benchmarks.heldout(data, 5, tmp_path)
+  assert bench.extract == "last_number" and len(bench.prompts) == 5
+  assert bench.prompts[0] == sources.from_config(data, "eval", tmp_path).example(0)[0]
+  with pytest.raises(ValueError, match="no chat template"):
+    sources.from_config(data, "train", tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("text,boxed,last", [
+    ("So 3 + 4 = 7.", None, "7"),
+    ("The total is -14", None, "-14"),
+    ("It costs 1,000 dollars, not 20", None, "20"),
+    ("half is 2.5", None, "2.5"),
+    ("ratio 3/4", None, "3/4"),
+    ("\\boxed{12} and then 13", "12", "12"),  # a box always wins
+    ("no digits here", None, None),
+])
+def test_extract_answer(text, boxed, last):
+  assert grading.extract_answer(text) == boxed
+  assert grading.extract_answer(text, "last_number") == last
+
+
+def test_last_number_grading_agrees_with_the_generators_scorer():
+  ds = reasoning_gym.create_dataset("chain_sum", seed=3, size=20, min_terms=2, max_terms=3,
+                                    min_digits=1, max_digits=2)
+  completions, golds, scores = [], [], []
+  for j, e in enumerate(ds):
+    answer = e["answer"] if j % 3 else str(int(e["answer"]) + 1)  # every third one wrong
+    completions.append(f"Let me compute. {e['question']} The result is {answer}.")
+    golds.append(e["answer"])
+    scores.append(ds.score_answer(answer, e) == 1.0)
+  assert grading.grade_many(completions, golds, workers=0, extract="last_number") == scores
+  assert not any(grading.grade_many(completions, golds, workers=0))  # no box: no answer
