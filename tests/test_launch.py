@@ -52,3 +52,15 @@ def test_install_and_compare_dry_runs():
   sweep, report = _dry(ROOT / "launch" / "compare_local.sh", "/tmp/x")
   assert "kat_jax.sweep --config configs/arith_compare.py --workdir /tmp/x" in sweep
   assert "kat_jax.experiment --sweep /tmp/x" in report
+
+
+def test_smollm2_setup_dry_run(tmp_path, monkeypatch):
+  monkeypatch.setenv("KAT_JAX_MODELS", str(tmp_path))
+  lines = _dry(ROOT / "launch" / "smollm2_setup.sh")
+  assert lines == [
+      f"+ {sys.executable} -m kat_jax.gguf_import --gguf smollm2 --out {tmp_path}/smollm2",
+      f"+ {sys.executable} -m kat_jax.prune --model {tmp_path}/smollm2 --layers 20 --out "
+      f"{tmp_path}/smollm2_l20"]
+  (tmp_path / "smollm2").mkdir()
+  (tmp_path / "smollm2" / "config.json").write_text("{}")
+  assert len(_dry(ROOT / "launch" / "smollm2_setup.sh")) == 1  # existing models are kept
