@@ -66,7 +66,7 @@ def convert(gguf: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool 
                       ("transformers", "transformers==5.24.0"), ("torch", "torch==2.13.0")):
     if importlib.util.find_spec(module) is None:
       raise ImportError(f"reading GGUF needs {module}: pip install {pip} (or "
-                        "pip install -e '.[test]').")
+                        "pip install -e '.[gguf]').")
   import torch
   import transformers
 
@@ -81,8 +81,8 @@ def convert(gguf: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool 
   # Exactly the tensors kat_jax (and transformers) expect for this config: a tied head is not
   # stored; anything else unexpected is an error rather than silently dropped.
   wanted = [name for name, _ in hf._param_map(cfg).values()]
-  extra = sorted(set(state) - set(wanted) - {"lm_head.weight"} if cfg.tie_embeddings
-                 else set(state) - set(wanted))
+  tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
+  extra = sorted(set(state) - set(wanted) - tied_head)
   missing = sorted(set(wanted) - set(state))
   if extra or missing:
     raise hf.CheckpointError(f"{path}: tensors do not match a {cfg.family} model "
