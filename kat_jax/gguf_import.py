@@ -22,9 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 # Short names for GGUF files that ship inside PyPI wheels: name -> (module, file, pip command).
@@ -59,9 +57,8 @@ def convert(gguf: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool 
   from kat_jax.models import ModelConfig
   path = resolve(str(gguf))
   out = Path(out)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-    raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory or pass "
-                          "--overwrite to replace it.")
+  if not overwrite:
+    hf.check_new_directory(out, "pass --overwrite to replace it")
   for module, pip in (("gguf", "gguf==0.19.0"), ("accelerate", "accelerate==1.15.0"),
                       ("transformers", "transformers==5.24.0"), ("torch", "torch==2.13.0")):
     if importlib.util.find_spec(module) is None:
@@ -88,28 +85,12 @@ def convert(gguf: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool 
     raise hf.CheckpointError(f"{path}: tensors do not match a {cfg.family} model "
                              f"(missing {missing[:5]}, unexpected {extra[:5]}).")
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary model directory
+  with hf.atomic_directory(out) as tmp:
     hf._write_weights(tmp, ((name, state[name]) for name in wanted), hf.DEFAULT_MAX_SHARD_BYTES)
     (tmp / "config.json").write_text(json.dumps(cfg.to_hf("float32"), indent=2) + "\n")
-    eos = list(cfg.eos_token_ids)
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
-           "pad_token_id": cfg.pad_token_id}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    hf.write_generation_config(tmp, cfg)
     tokenizer.save_pretrained(tmp)
     (tmp / "SOURCE").write_text(f"converted by kat_jax.gguf_import from {path.name}\n")
-    if out.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-      os.rename(out, old / "x")
-      os.rename(tmp, out)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out
 
 

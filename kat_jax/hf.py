@@ -16,6 +16,7 @@ ml_dtypes) instead of `safetensors.safe_open`, which copies each tensor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -311,9 +312,8 @@ def save(model: Transformer, config: ModelConfig, out_dir: str | os.PathLike,
     if getattr(model.cfg, f) != getattr(config, f):
       raise ConfigError(f"save: config.{f}={getattr(config, f)!r} but the model has "
                         f"{getattr(model.cfg, f)!r}; pass the config the model was built with.")
-  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory or pass "
-                          "overwrite=True to replace it.")
+  if not overwrite:
+    check_new_directory(out_dir, "pass overwrite=True to replace it")
   tok_files = []
   if tokenizer_dir is not None:
     tok_files = [Path(tokenizer_dir) / f for f in TOKENIZER_FILES
@@ -324,19 +324,31 @@ def save(model: Transformer, config: ModelConfig, out_dir: str | os.PathLike,
   dtype = dtype or config.checkpoint_dtype
   np_dtype = np.dtype(jnp.dtype(dtype))
 
+  with atomic_directory(out_dir) as tmp:
+    _write_weights(tmp, _model_tensors(model, config, np_dtype), max_shard_bytes)
+    (tmp / "config.json").write_text(json.dumps(config.to_hf(dtype), indent=2) + "\n")
+    write_generation_config(tmp, config)
+    for f in tok_files:
+      shutil.copy2(f, tmp / f.name)
+  return out_dir
+
+
+def check_new_directory(out_dir: Path, hint: str) -> None:
+  """Refuses to write over an existing non-empty directory (or a file): a user's data stays."""
+  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory or {hint}.")
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path):
+  """Yields a temporary sibling of `out_dir` to fill. On success it takes out_dir's place (an old
+  out_dir is removed only once the new one is complete); on any error it is deleted, so a crash
+  never leaves a half-written model directory."""
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   try:
-    _write_weights(tmp, _model_tensors(model, config, np_dtype), max_shard_bytes)
-    (tmp / "config.json").write_text(json.dumps(config.to_hf(dtype), indent=2) + "\n")
-    eos = list(config.eos_token_ids)
-    gen = {"bos_token_id": config.bos_token_id,
-           "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-           "pad_token_id": config.pad_token_id}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    for f in tok_files:
-      shutil.copy2(f, tmp / f.name)
-    # Swap in: the old directory (if any) is only removed once the new one is complete.
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    yield tmp
     if out_dir.exists():
       old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
       os.rename(out_dir, old / "x")
@@ -347,7 +359,14 @@ def save(model: Transformer, config: ModelConfig, out_dir: str | os.PathLike,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return out_dir
+
+
+def write_generation_config(directory: Path, config: ModelConfig) -> None:
+  eos = list(config.eos_token_ids)
+  gen = {"bos_token_id": config.bos_token_id,
+         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+         "pad_token_id": config.pad_token_id}
+  (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
 def _write_weights(directory: Path, tensors: Iterator[tuple[str, np.ndarray]],

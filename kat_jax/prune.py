@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -127,9 +126,8 @@ def prune(model_dir: str | os.PathLike, out: str | os.PathLike, keep: list[int],
                      f"({model_dir} has {cfg.num_layers} layers).")
   if out.resolve() == model_dir.resolve():
     raise ValueError(f"--out={out} is the source model; choose a new directory.")
-  if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-    raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory or pass "
-                          "--overwrite to replace it.")
+  if not overwrite:
+    hf.check_new_directory(out, "pass --overwrite to replace it")
   infos = hf._index_checkpoint(model_dir)
   new_index = {old: new for new, old in enumerate(keep)}
 
@@ -148,10 +146,7 @@ def prune(model_dir: str | os.PathLike, out: str | os.PathLike, keep: list[int],
   for key, value in list(hf_cfg.items()):
     if isinstance(value, list) and len(value) == cfg.num_layers and key != "architectures":
       hf_cfg[key] = [value[i] for i in keep]
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-  try:
-    os.chmod(tmp, 0o755)
+  with hf.atomic_directory(out) as tmp:
     hf._write_weights(tmp, tensors(), hf.DEFAULT_MAX_SHARD_BYTES)
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     for f in hf.TOKENIZER_FILES + ("generation_config.json",):
@@ -159,16 +154,6 @@ def prune(model_dir: str | os.PathLike, out: str | os.PathLike, keep: list[int],
         shutil.copy2(model_dir / f, tmp / f)
     (tmp / "SOURCE").write_text(f"kat_jax.prune of {model_dir.resolve()}: kept blocks "
                                 f"{keep} of {cfg.num_layers}\n")
-    if out.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-      os.rename(out, old / "x")
-      os.rename(tmp, out)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out
 
 
