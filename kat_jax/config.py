@@ -33,10 +33,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.max_new_tokens = 64
   # source: arith | jsonl (path, eval_path) | reasoning_gym (tasks, kat_jax/data/gym.py).
   # instruction / chat_template: reasoning_gym prompts = question + instruction, through the
-  # student's chat template. extract: how held-out answers are read ('boxed' | 'last_number').
+  # student's chat template; size: items per generator (the source cycles through them).
+  # extract: how the held-out prompts' answers are read ('boxed' | 'last_number'; benchmarks
+  # named in eval.benchmarks always read the last \boxed{}).
   c.data = ml_collections.ConfigDict(dict(
       source="arith", path="", eval_path="", seed=0, n_ops=3, tasks="", instruction="",
-      chat_template=False, extract="boxed"))
+      chat_template=False, size=10_000, extract="boxed"))
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0))
   c.kat = ml_collections.ConfigDict(dict(
       mode="kat", signal="kl", window=32, patience=4, min_len=256, cut="onset", spike_gate=False,
@@ -155,8 +157,10 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     _fail("data.extract", config.data.extract, "use 'boxed' or 'last_number'.")
   if config.data.source == "reasoning_gym":
     from kat_jax.data import gym
-    try:
-      gym.make_datasets(config.data.tasks, config.data.seed)
+    if not 1 <= config.data.size <= gym.MAX_SIZE:
+      _fail("data.size", config.data.size, f"must be between 1 and {gym.MAX_SIZE}.")
+    try:  # names and settings; one item each (some generators build all their items up front)
+      gym.make_datasets(config.data.tasks, config.data.seed, 1)
     except ValueError as e:
       _fail("data.tasks", config.data.tasks, str(e))
   if config.data.source == "jsonl" and not Path(config.data.path).is_file():
@@ -184,6 +188,11 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
       if not (path / "config.json").is_file():
         _fail(field, config[field], "not a Hugging Face model directory (no config.json); give "
               "the path of a local model directory.")
+    if config.data.source == "reasoning_gym" and config.data.chat_template:
+      from kat_jax.data import chat
+      if chat.load_template(config.student)[0] is None:
+        _fail("data.chat_template", True, f"the student {config.student} has no chat template; "
+              "set data.chat_template=False (a base model) or use an instruct model.")
     try:
       if config.mode != "eval":
         hf.check_compatible(config.student, config.teacher)

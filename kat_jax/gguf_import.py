@@ -57,6 +57,9 @@ def convert(gguf: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool 
   from kat_jax.models import ModelConfig
   path = resolve(str(gguf))
   out = Path(out)
+  if path.resolve().is_relative_to(out.resolve()):
+    raise ValueError(f"--out={out} contains the GGUF file {path}, which writing --out would "
+                     "replace; choose a new directory.")
   if not overwrite:
     hf.check_new_directory(out, "pass --overwrite to replace it")
   for module, pip in (("gguf", "gguf==0.19.0"), ("accelerate", "accelerate==1.15.0"),

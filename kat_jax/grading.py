@@ -48,19 +48,24 @@ def extract_boxed(text: str) -> str | None:
   return None  # unclosed box: no answer
 
 
-_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# A number as written in prose: thousands groups only in threes (`1,000`, but `3,4` is two numbers),
+# decimals (`2.5`, `.5`), fractions (`3/4`), a sign only where no digit precedes it (`3-5` is a
+# range: its last number is 5, not -5).
+_LAST_NUMBER = re.compile(
+    r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+(?![\d])|\d+)(?:\.\d+)?(?:/\d+)?|(?<![\d.])-?\.\d+")
 
 
 def extract_answer(text: str, extract: str = "boxed") -> str | None:
-  """The answer of `text`: the last `\\boxed{}`; with extract='last_number' and no box, the last
-  number written (`-14`, `1,000`, `2.5`, `3/4`) -- for models too small to box their answers."""
+  """The answer of `text`: the last `\\boxed{}`; with extract='last_number' and no non-empty box,
+  the last number written (`-14`, `1,000`, `2.5`, `3/4`) -- for models too small to box."""
   if extract not in ("boxed", "last_number"):
     raise ValueError(f"extract={extract!r}; use 'boxed' or 'last_number'.")
   boxed = extract_boxed(text)
-  if boxed is not None or extract == "boxed":
+  if extract == "boxed" or (boxed is not None and boxed.strip()):
     return boxed
-  numbers = _LAST_NUMBER.findall(text)
-  return numbers[-1].rstrip(",") if numbers else None
+  # An echoed instruction's empty \boxed{} is no answer; a Unicode minus is a minus.
+  numbers = _LAST_NUMBER.findall(text.replace("\u2212", "-"))
+  return numbers[-1] if numbers else None
 
 
 # ------------------------------------------------------------------------------- fast path

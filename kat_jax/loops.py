@@ -79,7 +79,7 @@ def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed:
   cfg = rollout_config(config, compat.eos_token_ids, pad, compat.vocab_size)
   cfg = dataclasses.replace(cfg, kat=dataclasses.replace(cfg.kat, mode="none"))
   tok = Tokenizer.from_file(str(Path(student_dir) / "tokenizer.json"))
-  bench = benchmarks.heldout(config.data, n_prompts, config.student)
+  bench = benchmarks.heldout(config.data, n_prompts, student_dir)  # its own chat template
   rows = [p for p in bench.prompts for _ in range(samples)]
   out = {f: [] for f in ("kl", "logratio", "length", "eos", "window_complete", "tokens")}
   for c, lo in enumerate(range(0, len(rows), batch)):

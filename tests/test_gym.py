@@ -24,9 +24,10 @@ def test_parse_tasks():
 
 def test_source_interleaves_tasks_and_matches_the_generators():
   src = gym.GymSource(TASKS, seed=5)
-  chain = reasoning_gym.create_dataset("chain_sum", seed=5, size=10, min_terms=2, max_terms=2,
+  base = 5 * gym.SEED_STRIDE  # neighbouring seeds must not share reasoning-gym item seeds
+  chain = reasoning_gym.create_dataset("chain_sum", seed=base, size=10, min_terms=2, max_terms=2,
                                        min_digits=1, max_digits=1)
-  arith = reasoning_gym.create_dataset("basic_arithmetic", seed=5, size=10, min_terms=2,
+  arith = reasoning_gym.create_dataset("basic_arithmetic", seed=base, size=10, min_terms=2,
                                        max_terms=2, min_digits=1, max_digits=1, operators=("+",))
   for i in range(6):
     ref = (chain if i % 2 == 0 else arith)[i // 2]
@@ -35,10 +36,24 @@ def test_source_interleaves_tasks_and_matches_the_generators():
   assert gym.GymSource(TASKS, seed=5).batch(3, 4) == src.batch(3, 4)
 
 
-def test_eval_split_is_a_disjoint_seed_range():
-  train, held = gym.GymSource(TASKS, seed=0), gym.GymSource(TASKS, seed=0, split="eval")
-  assert held.seed == train.seed + gym.EVAL_SEED_OFFSET
-  assert held.batch(0, 8) != train.batch(0, 8)
+def test_splits_and_seeds_draw_disjoint_items():
+  big = "chain_sum(min_terms=3, max_terms=3, min_digits=4, max_digits=4)"  # collisions ~impossible
+  questions = {}
+  for seed in (0, 1):
+    for split in ("train", "eval"):
+      src = gym.GymSource(big, seed=seed, split=split, size=50)
+      questions[seed, split] = {src.example(i)[0] for i in range(50)}
+      assert src.example(50) == src.example(0)  # the source cycles through `size` items
+  keys = list(questions)
+  for a in range(len(keys)):
+    for b in range(a + 1, len(keys)):
+      assert not questions[keys[a]] & questions[keys[b]], (keys[a], keys[b])
+  # Seed 0's training items are reasoning-gym's own seeds 0, 1, 2, ...
+  ref = reasoning_gym.create_dataset("chain_sum", seed=0, size=3, min_terms=3, max_terms=3,
+                                     min_digits=4, max_digits=4)
+  assert gym.GymSource(big, seed=0).example(2)[0] == ref[2]["question"]
+  with pytest.raises(ValueError, match="data.size=0"):
+    gym.GymSource(big, size=0)
 
 
 def test_prompts_use_instruction_and_chat_template(tmp_path):
@@ -46,11 +61,11 @@ def test_prompts_use_instruction_and_chat_template(tmp_path):
               "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
   (tmp_path / "tokenizer_config.json").write_text(
       '{"chat_template": %s, "eos_token": "</s>"}' % __import__("json").dumps(template))
-  data = types.SimpleNamespace(source="reasoning_gym", tasks=TASKS, seed=1, instruction="Think.",
-                               chat_template=True, extract="last_number")
+  data = types.SimpleNamespace(source="reasoning_gym", tasks=TASKS, seed=0, instruction="Think.",
+                               chat_template=True, extract="last_number", size=100)
   prompt, answer = sources.from_config(data, "train", tmp_path).example(0)
   question = reasoning_gym.create_dataset(
-      "chain_sum", seed=1, size=1, min_terms=2, max_terms=2, min_digits=1, max_digits=1)[0]
+      "chain_sum", seed=0, size=1, min_terms=2, max_terms=2, min_digits=1, max_digits=1)[0]
   assert prompt == f"<|user|>{question['question']}\n\nThink.</s><|assistant|>"
   assert prompt == chat.render(template, [{"role": "user",
                                            "content": f"{question['question']}\n\nThink."}],
@@ -71,6 +86,12 @@ def test_prompts_use_instruction_and_chat_template(tmp_path):
     ("ratio 3/4", None, "3/4"),
     ("\\boxed{12} and then 13", "12", "12"),  # a box always wins
     ("no digits here", None, None),
+    ("costs 20, or 1,000", None, "1,000"),
+    ("pick 3,4", None, "4"),  # not a thousands group
+    ("value .5", None, ".5"),
+    ("temp \u22123", None, "-3"),  # Unicode minus
+    ("pages 3-5", None, "5"),  # a range, not -5
+    ("Put it in \\boxed{}. It is 9", "", "9"),  # an echoed empty box is no answer
 ])
 def test_extract_answer(text, boxed, last):
   assert grading.extract_answer(text) == boxed

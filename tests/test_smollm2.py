@@ -13,6 +13,7 @@ where a missing wheel is a failure.
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -124,6 +125,9 @@ def test_pruned_student_matches_transformers_with_the_same_blocks_dropped(smol, 
     prune.prune(smol, out, keep)
   with pytest.raises(ValueError, match=r"distinct block indices in \[0, 30\)"):
     prune.prune(smol, tmp_path / "bad", [0, 30])
+  with pytest.raises(ValueError, match="is or contains the source model"):
+    prune.prune(smol, smol.parent, keep, overwrite=True)
+  assert (smol / "model.safetensors").is_file()
 
 
 def test_import_refuses_to_overwrite_and_names_unknown_models(smol):
@@ -133,6 +137,15 @@ def test_import_refuses_to_overwrite_and_names_unknown_models(smol):
   assert sorted(p.name for p in smol.iterdir()) == before
   with pytest.raises(FileNotFoundError, match="no GGUF file"):
     gguf_import.resolve("/nowhere/model.gguf")
+
+
+def test_import_never_replaces_the_directory_holding_its_gguf(tmp_path):
+  import shutil
+  (tmp_path / "models").mkdir()
+  gguf = shutil.copy(gguf_import.resolve("smollm2"), tmp_path / "models" / "m.gguf")
+  with pytest.raises(ValueError, match="contains the GGUF file"):
+    gguf_import.convert(gguf, tmp_path / "models", overwrite=True)
+  assert Path(gguf).is_file()
 
 
 def test_greedy_selection_matches_brute_force(tmp_path):
@@ -185,7 +198,8 @@ def test_two_opd_steps_on_reasoning_gym(smol, tmp_path):
   from kat_jax import train
   from kat_jax.sweep import load_module
   student = prune.prune(smol, tmp_path / "student", [0, 29])
-  c = load_module("configs/smollm2_opd.py").get_config()
+  c = load_module(str(Path(__file__).resolve().parents[1] / "configs" / "smollm2_opd.py")
+                  ).get_config()
   c.teacher, c.student = str(smol), str(student)
   c.steps, c.prompts_per_step, c.samples_per_prompt = 2, 4, 2  # 8 rows: one per test device
   c.max_new_tokens, c.kat.window, c.kat.min_len = 16, 4, 4
@@ -200,6 +214,9 @@ def test_two_opd_steps_on_reasoning_gym(smol, tmp_path):
   after = json.loads((tmp_path / "run" / "eval_after.json").read_text())
   assert "loop_rate" in after["benchmarks"]["gym"]
   rollouts = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").open()]
-  assert len(rollouts[0]["loop_onset"]) == 8
+  for rec, step in zip(rollouts, steps):
+    onsets, lengths = np.array(rec["loop_onset"]), np.array(rec["length"])
+    assert len(onsets) == 8 and np.all(onsets < lengths)
+    assert step["loop_rate"] == np.mean(onsets >= 0)
   assert summary["pass_after"] is not None
   assert hf.read_config(tmp_path / "run" / "export").num_layers == 2

@@ -150,6 +150,10 @@ BAD = [
      r"config\.data\.tasks=.*unexpected keyword argument 'bogus'"),
     (dict(loss__chunk=6), r"config\.loss\.chunk=6: must divide the 16 generated positions .*"
                           r"use one of \[4, 8, 16\]"),
+    (dict(data__source="reasoning_gym", data__tasks="chain_sum", data__size=0),
+     r"config\.data\.size=0: must be between 1 and 10000000"),
+    (dict(data__source="reasoning_gym", data__tasks="chain_sum", data__chat_template=True),
+     r"config\.data\.chat_template=True: the student .* has no chat template"),
     (dict(data__extract="first"), r"config\.data\.extract='first': use 'boxed' or 'last_number'"),
 ]
 

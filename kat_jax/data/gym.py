@@ -5,10 +5,13 @@ offline, in unlimited supply (`pip install reasoning-gym==0.1.25`).
 
     chain_sum(min_terms=2, max_terms=3, max_digits=2); basic_arithmetic(max_terms=2)
 
-Example i of the source is task i % n_tasks, item i // n_tasks of that task's generator -- a pure
-function of (seed, i) as every kat_jax source, so the data position in a checkpoint is one integer.
-reasoning-gym seeds item j with `seed + j`; the held-out split therefore uses seed + 10**9, which no
-training run reaches (tiny problem spaces, e.g. one-digit sums, may still repeat a question).
+Example i of the source is task i % n_tasks, item (i // n_tasks) % data.size of that task's
+generator -- a pure function of (seed, i) as every kat_jax source, so the data position in a
+checkpoint is one integer. reasoning-gym seeds item j with `seed + j`, so neighbouring seeds would
+share all but one item: kat_jax passes `data.seed * 10**7` (and + 10**9 for the held-out split), so
+different seeds and the two splits draw disjoint item seeds as long as data.size <= 10**7 (tiny
+problem spaces, e.g. one-digit sums, may still repeat a question). data.size bounds each
+generator: some (gsm_symbolic, list_functions, ...) build all their items up front.
 
 Answers are the generator's `answer` strings; they are graded with `kat_jax.grading` (a number, a
 fraction, a LaTeX expression), with `data.extract='last_number'` for models too small to write
@@ -19,8 +22,9 @@ from __future__ import annotations
 
 import ast
 
+SEED_STRIDE = 10**7
 EVAL_SEED_OFFSET = 10**9
-_SIZE = 2**31 - 1  # generators are lazy: item j is made on access
+MAX_SIZE = SEED_STRIDE
 
 
 def parse_tasks(spec: str) -> list[tuple[str, dict]]:
@@ -49,8 +53,11 @@ def parse_tasks(spec: str) -> list[tuple[str, dict]]:
   return tasks
 
 
-def make_datasets(spec: str, seed: int) -> list:
-  """The reasoning-gym datasets of `spec`; unknown names or settings raise ValueError."""
+def make_datasets(spec: str, seed: int, size: int) -> list:
+  """The reasoning-gym datasets of `spec` (`size` items each, item seeds seed, seed + 1, ...);
+  unknown names or settings raise ValueError."""
+  if not 1 <= size <= MAX_SIZE:
+    raise ValueError(f"data.size={size} must be between 1 and {MAX_SIZE}.")
   try:
     import reasoning_gym
   except ImportError:
@@ -59,7 +66,7 @@ def make_datasets(spec: str, seed: int) -> list:
   out = []
   for name, kwargs in parse_tasks(spec):
     try:
-      out.append(reasoning_gym.create_dataset(name, seed=seed, size=_SIZE, **kwargs))
+      out.append(reasoning_gym.create_dataset(name, seed=seed, size=size, **kwargs))
     except (TypeError, ValueError, AssertionError) as e:
       raise ValueError(f"task {name}{kwargs or ''}: {e}") from None
   return out
@@ -69,9 +76,11 @@ class GymSource:
   """(prompt, answer) pairs; prompts are question + instruction, through the chat template."""
 
   def __init__(self, tasks: str, seed: int = 0, split: str = "train", instruction: str = "",
-               chat_template: str | None = None, special: dict | None = None):
-    self.seed = seed + (EVAL_SEED_OFFSET if split == "eval" else 0)
-    self.datasets = make_datasets(tasks, self.seed)
+               chat_template: str | None = None, special: dict | None = None,
+               size: int = 10_000):
+    self.seed = seed * SEED_STRIDE + (EVAL_SEED_OFFSET if split == "eval" else 0)
+    self.size = size
+    self.datasets = make_datasets(tasks, self.seed, size)
     self.instruction = instruction
     self.template, self.special = chat_template, special or {}
 
@@ -84,7 +93,7 @@ class GymSource:
 
   def entry(self, i: int) -> dict:
     n = len(self.datasets)
-    return self.datasets[i % n][i // n]
+    return self.datasets[i % n][(i // n) % self.size]
 
   def example(self, i: int) -> tuple[str, str]:
     e = self.entry(i)

@@ -61,7 +61,7 @@ def from_config(data_cfg, split: str, model_dir=None):
                        "data.chat_template=False for a base model.")
     return gym.GymSource(data_cfg.tasks, seed=data_cfg.seed, split=split,
                          instruction=data_cfg.instruction, chat_template=template,
-                         special=special)
+                         special=special, size=data_cfg.size)
   if data_cfg.source == "arith":
     return ArithSource(seed=data_cfg.seed + (split == "eval"), n_ops=data_cfg.n_ops, split=split)
   path = data_cfg.path if split == "train" else (data_cfg.eval_path or data_cfg.path)
