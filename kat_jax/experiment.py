@@ -123,11 +123,30 @@ def slip_token(prompt: str, completion: str) -> int | None:
   return start + len(m[1]) + 1 + len(m[3]) + 1 + first
 
 
+def score_uncut(student, teacher, rows: list[list[int]], cfg, pad_id: int, seed: int,
+                batch: int) -> dict[str, np.ndarray]:
+  """Rolls out prompt token lists `batch` at a time with `cfg` (KAT off) and concatenates the
+  per-token signals: kl, logratio, tokens, length, eos, window_mean, window_complete."""
+  import jax
+
+  from kat_jax import rollout
+  out = {f: [] for f in ("kl", "logratio", "tokens", "length", "eos", "window_mean",
+                         "window_complete")}
+  for c, lo in enumerate(range(0, len(rows), batch)):
+    prompt, start = rollout.pad_prompts(rows[lo:lo + batch], pad_id)
+    res = jax.device_get(rollout.rollout(student, teacher, prompt, start,
+                                         jax.random.key(1000 * seed + c), cfg))
+    for field, x in (("kl", res.kl_BxT), ("logratio", res.logratio_BxT),
+                     ("tokens", res.tokens_BxT), ("length", res.length_B), ("eos", res.eos_B),
+                     ("window_mean", res.window_mean_BxN),
+                     ("window_complete", res.window_complete_BxN)):
+      out[field].append(x)
+  return {f: np.concatenate(v) for f, v in out.items()}
+
+
 def uncut_rollouts(student_dir, teacher_dir, n_problems: int, samples: int, seed: int,
                    max_new_tokens: int = 48, window: int = 4, batch: int = 256) -> dict:
   """Student samples with KAT off on held-out problems; teacher-scored per-token signals."""
-  import jax
-
   from kat_jax import hf, kat, rollout
   student, s_cfg = hf.load(student_dir)
   teacher, _ = hf.load(teacher_dir)
@@ -137,21 +156,9 @@ def uncut_rollouts(student_dir, teacher_dir, n_problems: int, samples: int, seed
                               kat=kat.KATConfig(mode="none", window=window))
   problems = [arith.make_problem(seed + 1, i, 3, "eval") for i in range(n_problems)]
   rows = [(p, a) for p, _, a in problems for _ in range(samples)]
-  out = {f: [] for f in ("kl", "logratio", "length", "eos", "window_mean", "window_complete")}
-  texts = []
-  for c, lo in enumerate(range(0, len(rows), batch)):
-    chunk = rows[lo:lo + batch]
-    prompt, start = rollout.pad_prompts([arith.encode(p) for p, _ in chunk], arith.PAD_ID)
-    res = jax.device_get(rollout.rollout(student, teacher, prompt, start,
-                                         jax.random.key(1000 * seed + c), cfg))
-    out["kl"].append(res.kl_BxT)
-    out["logratio"].append(res.logp_student_BxT - res.logp_teacher_BxT)
-    out["length"].append(res.length_B)
-    out["eos"].append(res.eos_B)
-    out["window_mean"].append(res.window_mean_BxN)
-    out["window_complete"].append(res.window_complete_BxN)
-    texts += [arith.decode(t[:n]) for t, n in zip(res.tokens_BxT, res.length_B)]
-  data = {f: np.concatenate(v) for f, v in out.items()}
+  data = score_uncut(student, teacher, [arith.encode(p) for p, _ in rows], cfg, arith.PAD_ID,
+                     seed, batch)
+  texts = [arith.decode(t[:n]) for t, n in zip(data["tokens"], data["length"])]
   data["texts"] = texts
   data["prompts"] = [p for p, _ in rows]
   data["correct"] = np.array([arith.score(t, a) for t, (_, a) in zip(texts, rows)])
@@ -160,28 +167,41 @@ def uncut_rollouts(student_dir, teacher_dir, n_problems: int, samples: int, seed
   return data
 
 
+def post_hoc(data: dict, signal: str, cfg, quantile: float, spike_tau: float,
+             target_B: np.ndarray, onset_B: np.ndarray) -> dict:
+  """KAT's rule `cfg` (a kat.KATConfig) applied to uncut rollouts' `signal`, with the threshold
+  the adaptive rule would set from their own complete windows, scored against a ground truth:
+  rows `target_B` (doomed: ends wrong, loops) whose trouble starts at token `onset_B` (-1: unknown).
+  """
+  from kat_jax import kat
+  sig = data[signal]
+  w = cfg.window
+  n_win = sig.shape[1] // w
+  means = sig[:, :n_win * w].reshape(len(sig), n_win, w).mean(-1)
+  complete = data["window_complete"][:, :n_win]
+  tau = float(np.quantile(means[complete], quantile)) if complete.any() else 0.0
+  det = kat.detect_offline(sig, data["length"], data["eos"], tau, spike_tau, cfg)
+  flagged = det["terminated"]
+  tp = flagged & target_B
+  after = tp & (onset_B >= 0) & (det["trained_len"] >= onset_B)
+  return dict(tau=tau, flagged=float(flagged.mean()), target=float(target_B.mean()),
+              precision=float(tp.sum() / max(flagged.sum(), 1)),
+              recall=float(tp.sum() / max(target_B.sum(), 1)),
+              cut_after_onset=float(after.sum() / max(tp.sum(), 1)),
+              tokens_cut=float(1 - det["trained_len"].sum() / max(data["length"].sum(), 1)),
+              det=det)
+
+
 def detector_scores(data: dict, signal: str, spike_gate: bool, quantile: float = 0.2,
                     spike_tau: float = 2.0, window: int = 4, patience: int = 2,
                     min_len: int = 8) -> dict:
+  """The rule against "ends wrong", and whether the cut lands after the first slip."""
   from kat_jax import kat
-  sig = data[signal]
-  # The adaptive threshold from these rollouts' own complete windows (recomputed for `signal`).
-  w = window
-  n_win = sig.shape[1] // w
-  means = sig[:, :n_win * w].reshape(len(sig), n_win, w).mean(-1)
-  tau = float(np.quantile(means[data["window_complete"]], quantile))
-  cfg = kat.KATConfig(mode="kat", signal=signal, window=w, patience=patience, min_len=min_len,
-                      spike_gate=spike_gate)
-  det = kat.detect_offline(sig, data["length"], data["eos"], tau, spike_tau, cfg)
-  flagged, wrong = det["terminated"], ~data["correct"]
-  tp = flagged & wrong
-  after_slip = tp & (data["slip"] >= 0) & (det["trained_len"] >= data["slip"])
-  return dict(tau=tau, flagged=float(flagged.mean()), wrong=float(wrong.mean()),
-              precision=float(tp.sum() / max(flagged.sum(), 1)),
-              recall=float(tp.sum() / max(wrong.sum(), 1)),
-              cut_after_slip=float(after_slip.sum() / max(tp.sum(), 1)),
-              tokens_cut=float(1 - det["trained_len"].sum() / data["length"].sum()),
-              det=det)
+  cfg = kat.KATConfig(mode="kat", signal=signal, window=window, patience=patience,
+                      min_len=min_len, spike_gate=spike_gate)
+  s = post_hoc(data, signal, cfg, quantile, spike_tau, ~data["correct"], data["slip"])
+  s["wrong"], s["cut_after_slip"] = s.pop("target"), s.pop("cut_after_onset")
+  return s
 
 
 def detector_table(studies: dict[str, dict]) -> str:

@@ -64,13 +64,12 @@ def loop_onsets(tokens_BxT, length_B, cfg: LoopConfig = LoopConfig()) -> np.ndar
 def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed: int = 0,
                    batch: int = 32) -> dict:
   """KAT off: the student samples `config`'s held-out prompts, the teacher scores each token."""
-  import jax
-
-  from kat_jax import hf, kat, rollout
-  from kat_jax.config import rollout_config
   from tokenizers import Tokenizer
 
+  from kat_jax import hf, kat
+  from kat_jax.config import rollout_config
   from kat_jax.data import benchmarks
+  from kat_jax.experiment import score_uncut
   student, _ = hf.load(student_dir)
   teacher, _ = hf.load(config.teacher)
   compat = hf.check_compatible(student_dir, config.teacher)
@@ -80,20 +79,9 @@ def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed:
   cfg = dataclasses.replace(cfg, kat=dataclasses.replace(cfg.kat, mode="none"))
   tok = Tokenizer.from_file(str(Path(student_dir) / "tokenizer.json"))
   bench = benchmarks.heldout(config.data, n_prompts, student_dir)  # its own chat template
-  rows = [p for p in bench.prompts for _ in range(samples)]
-  out = {f: [] for f in ("kl", "logratio", "length", "eos", "window_complete", "tokens")}
-  for c, lo in enumerate(range(0, len(rows), batch)):
-    ids = [tok.encode(p, add_special_tokens=False).ids for p in rows[lo:lo + batch]]
-    prompt, start = rollout.pad_prompts(ids, pad, rollout.bucket_length(max(map(len, ids))))
-    res = jax.device_get(rollout.rollout(student, teacher, prompt, start,
-                                         jax.random.key(1000 * seed + c), cfg))
-    out["kl"].append(res.kl_BxT)
-    out["logratio"].append(res.logp_student_BxT - res.logp_teacher_BxT)
-    out["length"].append(res.length_B)
-    out["eos"].append(res.eos_B)
-    out["window_complete"].append(res.window_complete_BxN)
-    out["tokens"].append(res.tokens_BxT)
-  data = {f: np.concatenate(v) for f, v in out.items()}
+  rows = [tok.encode(p, add_special_tokens=False).ids
+          for p in bench.prompts for _ in range(samples)]
+  data = score_uncut(student, teacher, rows, cfg, pad, seed, batch)
   data["loop"] = loop_onsets(data["tokens"], data["length"])
   data["texts"] = tok.decode_batch([[int(t) for t in r[:n]] for r, n in
                                     zip(data["tokens"], data["length"])])
@@ -105,24 +93,12 @@ def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed:
 
 def detector_scores(data: dict, signal: str, spike_gate: bool) -> dict:
   """KAT's rule applied post hoc to uncut rollouts, scored against the loop ground truth."""
-  from kat_jax import kat
-  sig = data[signal]
-  w = data["kat"].window
-  n_win = sig.shape[1] // w
-  means = sig[:, :n_win * w].reshape(len(sig), n_win, w).mean(-1)
-  complete = data["window_complete"][:, :n_win]
-  tau = float(np.quantile(means[complete], data["quantile"])) if complete.any() else 0.0
+  from kat_jax.experiment import post_hoc
   cfg = dataclasses.replace(data["kat"], signal=signal, spike_gate=spike_gate)
-  det = kat.detect_offline(sig, data["length"], data["eos"], tau, data["spike_tau"], cfg)
-  flagged, looped = det["terminated"], data["loop"] >= 0
-  tp = flagged & looped
-  after = tp & (det["trained_len"] >= data["loop"])
-  return dict(tau=tau, flagged=float(flagged.mean()), looped=float(looped.mean()),
-              precision=float(tp.sum() / max(flagged.sum(), 1)),
-              recall=float(tp.sum() / max(looped.sum(), 1)),
-              cut_after_onset=float(after.sum() / max(tp.sum(), 1)),
-              tokens_cut=float(1 - det["trained_len"].sum() / max(data["length"].sum(), 1)),
-              det=det)
+  s = post_hoc(data, signal, cfg, data["quantile"], data["spike_tau"], data["loop"] >= 0,
+               data["loop"])
+  s["looped"] = s.pop("target")
+  return s
 
 
 def kl_in_loops(data: dict) -> dict:

@@ -106,7 +106,8 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   return Run(
       config=config, workdir=Path(workdir), student=student, teacher=teacher, s_cfg=s_cfg,
       vocab_size=vocab_size, eos_ids=eos_ids, pad_id=pad_id,
-      tokenizer=tokenizer, source=sources.from_config(config.data, "train", config.student), benchmarks=benches,
+      tokenizer=tokenizer, source=sources.from_config(config.data, "train", config.student),
+      benchmarks=benches,
       eval_cfg=eval_config(config), mesh=mesh,
       tx=opd.make_optimizer(opd.OptimConfig(**config.optim)),
       loss_cfg=opd.LossConfig(vocab_size=vocab_size, **config.loss),

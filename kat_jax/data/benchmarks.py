@@ -157,7 +157,8 @@ def load(spec: tuple[str, str | None], *, limit: int = 0, model_dir: str | Path 
   from kat_jax.data import chat
   name, path = spec
   if name == "arith" and path is None:
-    arith_data = types.SimpleNamespace(source="arith", seed=arith_seed, n_ops=arith_ops)
+    arith_data = types.SimpleNamespace(source="arith", seed=arith_seed, n_ops=arith_ops,
+                                       extract="boxed")
     return heldout(arith_data, limit)
   preset = PRESETS.get(name)
   if path is not None:
@@ -180,11 +181,10 @@ def heldout(data_cfg, limit: int, model_dir=None) -> Benchmark:
   seed (instruction and chat template as in training)."""
   from kat_jax.data import sources
   source = sources.from_config(data_cfg, "eval", model_dir)
-  extract = getattr(data_cfg, "extract", "boxed")
   if data_cfg.source == "reasoning_gym":
     pairs = source.batch(0, limit or 256)
     return Benchmark("gym", [p for p, _ in pairs], [a for _, a in pairs], [p for p, _ in pairs],
-                     extract=extract)
+                     extract=data_cfg.extract)
   if data_cfg.source == "arith":
     pairs, name = source.batch(0, limit or 256), "arith"
   else:  # in file order (the training source permutes per epoch)
@@ -192,4 +192,4 @@ def heldout(data_cfg, limit: int, model_dir=None) -> Benchmark:
     pairs = pairs[:limit or len(pairs)]
   problems, golds = map(list, zip(*pairs))
   # As in training: the bare prompt, no instruction, no chat template.
-  return Benchmark(name, problems, golds, list(problems), extract=extract)
+  return Benchmark(name, problems, golds, list(problems), extract=data_cfg.extract)
