@@ -25,6 +25,7 @@ import types
 
 import numpy as np
 
+from kat_jax import opd
 from kat_jax.models import ModelConfig
 from kat_jax.sharding import DEFAULT_RULES, logical_to_spec
 
@@ -195,12 +196,18 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
   nbytes = 2 if dtype in ("bfloat16", "float16") else 4
   s = model_config(config.student, dtype)
   t = model_config(config.teacher, dtype)
-  return plan(s, t, mesh_shape, batch=config.prompts_per_step * config.samples_per_prompt,
+  batch = config.prompts_per_step * config.samples_per_prompt
+  window = config.kat.window
+  seq_len = config.max_prompt_len + -(-config.max_new_tokens // window) * window
+  microbatches = opd.resolve_microbatches(config.loss.microbatches, batch, seq_len,
+                                          mesh_shape[0] * mesh_shape[1],
+                                          backend="gpu" if accelerator else "cpu")
+  return plan(s, t, mesh_shape, batch=batch,
               prompt_len=config.max_prompt_len, max_new_tokens=config.max_new_tokens,
               window=config.kat.window, vocab=min(s.vocab_size, t.vocab_size),
               param_bytes_s=nbytes, param_bytes_t=nbytes, compute_bytes=nbytes,
               objective=config.loss.objective, remat=config.remat,
-              microbatches=config.loss.microbatches, loss_chunk=config.loss.chunk,
+              microbatches=microbatches, loss_chunk=config.loss.chunk,
               attn_chunk=config.attn_chunk, device_memory=device_memory)
 
 
@@ -208,7 +215,7 @@ def plans(config, n_devices: int, device_memory: float | None, accelerator: bool
   """The plan of every mesh of n_devices the batch can be split over (validate's rule)."""
   batch = config.prompts_per_step * config.samples_per_prompt
   for shape in meshes(n_devices):
-    if batch % (shape[0] * shape[1] * config.loss.microbatches) == 0:
+    if batch % (shape[0] * shape[1] * max(config.loss.microbatches, 1)) == 0:
       yield for_config(config, shape, device_memory, accelerator)
 
 

@@ -252,7 +252,8 @@ def train(config, workdir) -> dict:
     _, s_now = nnx.split(run.student, nnx.Param)
     result = rollout.rollout(run.student, run.teacher, prompt, start,
                              jax.random.fold_in(step_key, 0), run.rollout_cfg, tau=tau,
-                             spike_tau=config.kat.spike_tau)
+                             spike_tau=config.kat.spike_tau,
+                             batch_multiple=sharding.batch_shards(run.mesh))
     if config.kat.mode == "random":
       result = rollout.apply_random_truncation(result, jax.random.fold_in(step_key, 1),
                                                random_lengths)
@@ -260,7 +261,7 @@ def train(config, workdir) -> dict:
                                  run.threshold_cfg)
     new_params, opt_state, m = opd.update(
         s_graph, s_now, t_graph, t_params, opt_state, prompt, start, result, tx=run.tx,
-        cfg=run.loss_cfg)
+        cfg=run.loss_cfg, batch_shards=sharding.batch_shards(run.mesh))
     nnx.update(run.student, new_params)
     res = sharding.to_host(result)  # gathered across processes on a multi-host mesh
     m = {k: float(v) for k, v in sharding.to_host(m).items()}

@@ -98,3 +98,29 @@ def test_microbatched_and_chunked_update_equals_the_full_batch():
     for a, b in zip(jax.tree.leaves(micro[0]), jax.tree.leaves(full[0])):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert res.terminated_B.any()  # KAT-cut rows are part of the split batch
+
+
+def test_auto_microbatches_pick_the_smallest_cache_sized_chunks():
+  """loss.microbatches=0: on CPU the most row chunks whose per-device rows still hold
+  CPU_MICROBATCH_TOKENS tokens (the same rows from every batch shard); 1 on GPU / TPU; an
+  explicit count is kept. Checked against a brute-force reading of that rule."""
+  from kat_jax import opd
+  budget = opd.CPU_MICROBATCH_TOKENS
+
+  def brute(batch, seq, shards):
+    if batch % shards:
+      return 1
+    local = batch // shards
+    counts = [m for m in range(1, local + 1) if local % m == 0
+              and (local // m) * seq >= budget]
+    return max(counts, default=1)
+
+  for batch in (1, 4, 8, 12, 16, 32, 64, 96):
+    for seq in (24, 64, 160, 288, 1024, 4096):
+      for shards in (1, 2, 8):
+        got = opd.resolve_microbatches(0, batch, seq, shards, backend="cpu")
+        assert got == brute(batch, seq, shards), (batch, seq, shards, got)
+        assert batch % (got * shards) == 0 or batch % shards
+        assert opd.resolve_microbatches(0, batch, seq, shards, backend="gpu") == 1
+        assert opd.resolve_microbatches(3, batch, seq, shards, backend="cpu") == 3
+  assert opd.resolve_microbatches(0, 32, 160, backend="cpu") == 8  # the bench: 4 rows = 640

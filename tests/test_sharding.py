@@ -44,7 +44,7 @@ def _step(student_dir, teacher_dir, mesh):
   t_graph, t_params = nnx.split(teacher)
   opt_state = tx.init(s_params)
   new_params, new_opt, m = opd.update(s_graph, s_params, t_graph, t_params, opt_state, prompt,
-                                      start, res, tx=tx,
+                                      start, res, tx=tx, batch_shards=multiple,
                                       cfg=opd.LossConfig(objective="reverse_kl",
                                                          vocab_size=len(arith.VOCAB)))
   return new_params, new_opt, sharding.to_host(res), sharding.to_host(m)

@@ -155,6 +155,7 @@ BAD = [
     (dict(data__source="reasoning_gym", data__tasks="chain_sum", data__chat_template=True),
      r"config\.data\.chat_template=True: the student .* has no chat template"),
     (dict(data__extract="first"), r"config\.data\.extract='first': use 'boxed' or 'last_number'"),
+    (dict(loss__microbatches=-2), r"config\.loss\.microbatches=-2: must be >= 0 \(0 = auto\)"),
 ]
 
 
