@@ -107,15 +107,25 @@ def _attention(q_BxTxHxD, keys_BxKxSxD, values_BxKxSxD, mask_BxTxS, cfg: ModelCo
   # Queries as [B, K, G*T, D]: batch dims leading and contracting dims last, the layout XLA's
   # dot emitter wants; the 5-D 'btkgd,bksd->bkgts' einsum made XLA CPU transpose the [.., T, S]
   # scores around the softmax (measured: attention fwd 7.4 -> 4.4 ms, fwd+bwd 31 -> 26 ms).
-  q_BxKxQxD = q_BxTxHxD.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
+  # The 1/sqrt(d) scale goes on q (T x D numbers), not on the T x S scores.
+  q_BxKxQxD = (q_BxTxHxD * jnp.asarray(d ** -0.5, q_BxTxHxD.dtype)).reshape(
+      b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
   # Scores and softmax in fp32 even when computing in bf16.
   scores_BxKxQxS = jnp.einsum("bkqd,bksd->bkqs", q_BxKxQxD, keys_BxKxSxD,
-                              preferred_element_type=jnp.float32) * (d ** -0.5)
+                              preferred_element_type=jnp.float32)
   s = scores_BxKxQxS.shape[-1]
   scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None],
                                scores_BxKxQxS.reshape(b, k, g, t, s), _MASK_VALUE)
-  probs_BxKxQxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dt).reshape(b, k, g * t, s)
-  out_BxKxQxD = jnp.einsum("bkqs,bksd->bkqd", probs_BxKxQxS, values_BxKxSxD)
+  # Softmax normalised *after* the value matmul (divide the [.., D] output, not the [.., S]
+  # probabilities): one pass less over the scores; measured 25% off the teacher's window
+  # attention on CPU. The output does not depend on the subtracted max (it cancels), so its
+  # gradient is exactly zero and stop_gradient only saves work.
+  max_BxKxGxTx1 = jax.lax.stop_gradient(jnp.max(scores_BxKxGxTxS, axis=-1, keepdims=True))
+  exp_BxKxGxTxS = jnp.exp(scores_BxKxGxTxS - max_BxKxGxTx1)
+  out_BxKxQxD = jnp.einsum("bkqs,bksd->bkqd", exp_BxKxGxTxS.astype(dt).reshape(b, k, g * t, s),
+                           values_BxKxSxD, preferred_element_type=jnp.float32)
+  denom_BxKxQx1 = jnp.sum(exp_BxKxGxTxS, axis=-1, keepdims=True).reshape(b, k, g * t, 1)
+  out_BxKxQxD = (out_BxKxQxD / denom_BxKxQx1).astype(dt)
   return out_BxKxQxD.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4).reshape(
       b, t, cfg.num_heads, d)
 
