@@ -8,9 +8,12 @@ student hidden 128 / 4 layers / 4 heads / 2 kv heads / head_dim 32 / MLP 512 (1.
 teacher hidden 512 / 6 layers / 8 heads / 4 kv heads / head_dim 64 / MLP 1536 (19.1M), vocab 512,
 tied embeddings; batch 32, 32-token prompts, 128 new tokens (every row runs to 128: EOS is never
 sampled), sampling at temperature 1, fp32.
-  kat_jax   fused rollout (KAT off, W=32) + one `opd.update`, for the objectives `reverse_kl`
-            (full-vocabulary reverse KL: the same loss as TRL with beta=1; needs a teacher forward
-            in the update) and `sampled_pg` (the default; reuses the rollout's teacher log-probs);
+  kat_jax   fused rollout (KAT off, W=32) + one `opd.update` (default settings: update rows in
+            cache-sized micro-batches on CPU, positions trimmed to the longest trained row), for
+            the objectives `reverse_kl` (full-vocabulary reverse KL: the same loss as TRL with
+            beta=1; needs a teacher forward in the update) and `sampled_pg` (the default; reuses
+            the rollout's teacher log-probs); then `sampled_pg` with KAT on at a fixed tau that
+            stops rows part-way, to show the step shrinking with the tokens KAT saves;
   TRL       `trl.experimental.gkd.GKDTrainer`, lmbda=1 (fully on-policy), beta=1 (reverse KL),
             fp32, gradient checkpointing off, timed per optimizer step by a callback.
 The first steps (compilation, warm-up) are excluded; the median of the rest is reported.
@@ -40,26 +43,30 @@ from rollout import PAIRS, _model  # noqa: E402  (bench/rollout.py: the same siz
 B, P, N = 32, 32, 128
 
 
-def bench_kat_jax(student, teacher, prompt, objective, steps):
+def bench_kat_jax(student, teacher, prompt, objective, steps, kat_cfg=None, tau=0.0, warmup=2):
+  """Median seconds per step (rollout + trim + update) after `warmup` steps, the last loss, the
+  last rollout."""
   vocab = student.cfg.vocab_size - 1  # EOS (the last id) is outside the sampled vocabulary
+  kat_cfg = kat_cfg or kat.KATConfig(mode="none", window=32)
   cfg = rollout.RolloutConfig(max_new_tokens=N, eos_ids=(vocab,), pad_id=0, vocab_size=vocab,
-                              kat=kat.KATConfig(mode="none", window=32))
+                              kat=kat_cfg)
   tx = opd.make_optimizer(opd.OptimConfig(learning_rate=5e-5, clip_norm=1.0))
-  loss_cfg = opd.LossConfig(objective=objective, vocab_size=vocab)
+  loss_cfg = opd.LossConfig(objective=objective, vocab_size=vocab)  # microbatches: auto
   s_graph, s_params = nnx.split(student)
   t_graph, t_params = nnx.split(teacher)
   opt_state = tx.init(s_params)
   start = jnp.zeros((B,), jnp.int32)
   times = []
-  for step in range(steps):
+  for step in range(warmup + steps):
     t0 = time.perf_counter()
-    res = rollout.rollout(student, teacher, prompt, start, jax.random.key(step), cfg)
+    res = rollout.rollout(student, teacher, prompt, start, jax.random.key(step), cfg, tau=tau)
     s_params, opt_state, m = opd.update(s_graph, nnx.state(student), t_graph, t_params, opt_state,
-                                        prompt, start, res, tx=tx, cfg=loss_cfg)
+                                        prompt, start, opd.trim(res, kat_cfg.window), tx=tx,
+                                        cfg=loss_cfg)
     nnx.update(student, s_params)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
-  return statistics.median(times[2:]), float(m["loss"])
+  return statistics.median(times[warmup:]), float(m["loss"]), res
 
 
 def bench_trl(student_dir, teacher_dir, prompt, steps):
@@ -115,8 +122,11 @@ def bench_trl(student_dir, teacher_dir, prompt, steps):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--steps", type=int, default=7)
+  ap.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+  ap.add_argument("--kat-warmup", type=int, default=10)
   ap.add_argument("--no-trl", action="store_true")
+  ap.add_argument("--kat-quantile", type=float, default=0.6,
+                  help="KAT row: fixed tau at this quantile of the uncut window means")
   args = ap.parse_args()
   print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores; JAX {jax.__version__} on "
         f"{jax.device_count()} {jax.default_backend()} device(s)", flush=True)
@@ -130,11 +140,27 @@ def main():
     hf.save(teacher, t_cfg, Path(tmp) / "t")
     for objective in ("reverse_kl", "sampled_pg"):
       fresh, _ = hf.load(Path(tmp) / "s")
-      sec, loss = bench_kat_jax(fresh, teacher, prompt, objective, args.steps)
+      sec, loss, uncut = bench_kat_jax(fresh, teacher, prompt, objective, args.steps)
       rows.append((f"kat_jax fused rollout + {objective}", sec))
       print(f"{rows[-1][0]}: {sec:.3f} s/step (loss {loss:.4f})", flush=True)
+    # KAT on: a fixed tau at a quantile of the uncut rollout's window means stops rows part-way
+    # (patience 2, no stop before 64 tokens); the step should shrink with the tokens it saves.
+    means = np.asarray(uncut.window_mean_BxN)[np.asarray(uncut.window_complete_BxN)]
+    kat_cfg = kat.KATConfig(mode="kat", window=32, patience=2, min_len=64)
+    fresh, _ = hf.load(Path(tmp) / "s")
+    # More warm-up: each new number of live rows compiles a compacted decode loop (~3 s) once.
+    sec_kat, loss, res = bench_kat_jax(fresh, teacher, prompt, "sampled_pg", args.steps, kat_cfg,
+                                       tau=float(np.quantile(means, args.kat_quantile)),
+                                       warmup=args.kat_warmup)
+    generated = float(np.sum(res.length_B)) / (B * N)
+    trained = float(np.sum(res.trained_len_B)) / (B * N)
+    rows.append((f"kat_jax fused rollout + sampled_pg, KAT on ({generated:.0%} of the tokens "
+                 "generated)", sec_kat))
+    print(f"{rows[-1][0]}: {sec_kat:.3f} s/step (loss {loss:.4f}); trap rate "
+          f"{float(np.mean(res.terminated_B)):.2f}, tokens generated {generated:.1%} and trained "
+          f"{trained:.1%} of KAT off, step time {sec_kat / sec:.1%} of KAT off", flush=True)
     if not args.no_trl:
-      sec = bench_trl(Path(tmp) / "s", Path(tmp) / "t", prompt, args.steps)
+      sec = bench_trl(Path(tmp) / "s", Path(tmp) / "t", prompt, args.steps + 2)  # 2 warm-up
       rows.append(("TRL GKDTrainer (lambda=1, beta=1, fp32)", sec))
       print(f"{rows[-1][0]}: {sec:.3f} s/step", flush=True)
   base = rows[-1][1] if not args.no_trl else None

@@ -14,13 +14,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from kat_jax import losses
 from kat_jax.rollout import RolloutResult
+from kat_jax.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,30 @@ def resolve_microbatches(requested: int, batch: int, seq_len: int, batch_shards:
   rows = next(r for r in range(1, local + 1)
               if local % r == 0 and (r * seq_len >= CPU_MICROBATCH_TOKENS or r == local))
   return local // rows
+
+
+_PER_TOKEN = ("tokens_BxT", "logp_student_BxT", "logp_teacher_BxT", "logp_behavior_BxT", "kl_BxT",
+              "loss_mask_BxT")
+
+
+def trim(result: RolloutResult, window: int, chunk: int = 0) -> RolloutResult:
+  """The rollout cut to the positions the update trains on: its per-token arrays sliced to the
+  longest trained row, rounded up to a power of two of windows (so a run compiles the update for
+  a handful of lengths at most), and to whole `loss.chunk`s.
+
+  Rows that stop early (EOS, KAT's cut) then stop costing update compute too, as the rollout's
+  batch compaction makes them stop costing rollout compute. Positions past every row's trained
+  length are masked out of the loss and, the attention being causal, feed no trained position:
+  the loss and gradient are unchanged. One host read of [B] lengths.
+  """
+  t = result.tokens_BxT.shape[1]
+  unit = math.lcm(window, chunk) if chunk else window
+  longest = int(np.max(to_host(result.trained_len_B)))
+  units = max(1, -(-longest // unit))
+  length = min(t, (1 << (units - 1).bit_length()) * unit)
+  if length == t:
+    return result
+  return result.replace(**{f: getattr(result, f)[:, :length] for f in _PER_TOKEN})
 
 
 def training_batch(prompt_BxP, start_B, result: RolloutResult):

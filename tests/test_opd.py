@@ -124,3 +124,44 @@ def test_auto_microbatches_pick_the_smallest_cache_sized_chunks():
         assert opd.resolve_microbatches(0, batch, seq, shards, backend="gpu") == 1
         assert opd.resolve_microbatches(3, batch, seq, shards, backend="cpu") == 3
   assert opd.resolve_microbatches(0, 32, 160, backend="cpu") == 8  # the bench: 4 rows = 640
+
+
+def test_trimmed_update_equals_the_full_length_one():
+  """opd.trim cuts the per-token arrays to the longest trained row (a power of two of windows):
+  the update's loss, gradient norm and new params are those of the untrimmed rollout."""
+  student = _model(0, VOCAB, 32, 2)
+  teacher = _model(1, 40, 48, 3, family="qwen2")
+  p, start = rollout.pad_prompts(PROMPTS, PAD)
+  tx = opd.make_optimizer(opd.OptimConfig(learning_rate=1e-2, clip_norm=0.0))
+  s_graph, s_params = nnx.split(student)
+  t_graph, t_params = nnx.split(teacher)
+  # min_len 4, patience 1 and a huge tau: every row is stopped at its first window (onset cut),
+  # so at most 4 of the 16 buffer positions are trained.
+  cfg = rollout.RolloutConfig(max_new_tokens=16, eos_ids=EOS, pad_id=PAD, vocab_size=VOCAB,
+                              kat=kat.KATConfig(window=4, patience=1, min_len=4))
+  res = rollout.rollout(student, teacher, p, start, jax.random.key(0), cfg, tau=1e9)
+  longest = int(np.max(res.trained_len_B))
+  assert 0 < longest <= 4 and res.tokens_BxT.shape[1] == 16
+  short = opd.trim(res, window=4)
+  assert short.tokens_BxT.shape[1] == 4 and short.loss_mask_BxT.shape[1] == 4
+  assert opd.trim(res, window=4, chunk=8).tokens_BxT.shape[1] == 8  # whole loss chunks
+  out = []
+  for objective in ("sampled_pg", "reverse_kl"):
+    lc = opd.LossConfig(objective=objective, vocab_size=VOCAB)
+    for r in (res, short):
+      params, _, m = opd.update(s_graph, jax.tree.map(lambda x: x.copy(), s_params), t_graph,
+                                t_params, tx.init(s_params), jnp.asarray(p), jnp.asarray(start),
+                                r, tx=tx, cfg=lc)
+      out.append((jax.device_get(params), float(m["loss"]), float(m["grad_norm"])))
+    (full_p, full_l, full_g), (cut_p, cut_l, cut_g) = out[-2:]
+    assert full_g > 0
+    np.testing.assert_allclose(cut_l, full_l, rtol=1e-5)
+    np.testing.assert_allclose(cut_g, full_g, rtol=1e-5)
+    # Adam steps are ~lr = 1e-2 whatever the gradient's size, so rounding-level gradient
+    # differences of near-zero entries show up at ~1e-6 here.
+    for a, b in zip(jax.tree.leaves(cut_p), jax.tree.leaves(full_p)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # Lengths bucket to 1, 2, 4, ... windows and never exceed the buffer.
+  for longest, want in ((1, 4), (4, 4), (5, 8), (8, 8), (9, 16), (16, 16)):
+    fake = res.replace(trained_len_B=jnp.full_like(res.trained_len_B, longest))
+    assert opd.trim(fake, window=4).tokens_BxT.shape[1] == want, longest
