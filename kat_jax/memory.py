@@ -30,7 +30,7 @@ from kat_jax.models import ModelConfig
 from kat_jax.sharding import DEFAULT_RULES, logical_to_spec
 
 # Copies kept by the update's backward, fitted on XLA's memory analysis (see module docstring).
-SCORE_COPIES = 4.0  # [B, H, S, S] fp32 per layer
+SCORE_COPIES = 2.0  # [B, H, S, S] fp32 per layer (softmax normalised after the value matmul)
 MLP_COPIES = 5.0  # [B, S, I] per layer
 RESIDUAL_COPIES = 5.5  # [B, S, E] per layer
 LOGIT_COPIES = 3.2  # [B, T, V] fp32

@@ -120,4 +120,7 @@ def test_query_chunked_attention_is_exact_and_planned():
   assert float(out[64][0]) == pytest.approx(float(out[0][0]), rel=1e-6)
   for a, b in zip(jax.tree.leaves(out[64][1]), jax.tree.leaves(out[0][1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-  assert temp[64] < 0.6 * temp[0]
+  # Chunking drops most of the [B, H, S, S] fp32 score buffers the backward keeps per layer
+  # (the unchunked run keeps >= one copy of every layer's; a chunked one, one chunk's).
+  scores = cfg.num_layers * 8 * cfg.num_heads * 200 * 200 * 4
+  assert temp[0] - temp[64] > 0.6 * scores, (temp, scores)
