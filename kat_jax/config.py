@@ -49,8 +49,10 @@ def defaults() -> ml_collections.ConfigDict:
   # microbatches: the update's rows in sequential chunks (less activation memory, same gradient);
   # 0 = auto: ~512-token chunks on CPU (cache-resident, faster), 1 on GPU / TPU.
   # chunk: the LM head + loss over this many positions at a time (0 = all; saves [B, T, V] memory).
+  # trim: the update runs on the rollout cut to its longest trained row (a few lengths, each
+  # compiled once; same loss and gradient); False = always the full buffer.
   c.loss = ml_collections.ConfigDict(dict(objective="sampled_pg", beta=0.5, temperature=1.0,
-                                          microbatches=0, chunk=0))
+                                          microbatches=0, chunk=0, trim=True))
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=5e-5, warmup_steps=0, schedule="constant", total_steps=100, weight_decay=0.0,
       b1=0.9, b2=0.999, clip_norm=1.0, accumulation_steps=1))

@@ -25,12 +25,13 @@ import types
 
 import numpy as np
 
-from kat_jax import opd
 from kat_jax.models import ModelConfig
 from kat_jax.sharding import DEFAULT_RULES, logical_to_spec
 
 # Copies kept by the update's backward, fitted on XLA's memory analysis (see module docstring).
-SCORE_COPIES = 2.0  # [B, H, S, S] fp32 per layer (softmax normalised after the value matmul)
+# [B, H, S, S] per layer, fp32 whatever the compute dtype (the softmax's exp), plus one cast copy
+# for the value matmul when computing in bf16 / fp16 (softmax normalised after that matmul).
+SCORE_COPIES = 2.0
 MLP_COPIES = 5.0  # [B, S, I] per layer
 RESIDUAL_COPIES = 5.5  # [B, S, E] per layer
 LOGIT_COPIES = 3.2  # [B, T, V] fp32
@@ -119,10 +120,11 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
   items["rollout buffers"] = b * (6 * t * 4 + 2 * v * 4 + 6 * window * v * 4)
   c = student
   h, i, e = _split(c.num_heads, tensor), _split(c.intermediate_size, tensor), c.hidden_size
-  scores = SCORE_COPIES * compute_bytes * b * h * s_len * s_len  # one layer's, unchunked
+  score_bytes = SCORE_COPIES * 4 + (compute_bytes if compute_bytes < 4 else 0)
+  scores = score_bytes * b * h * s_len * s_len  # one layer's, unchunked
   if attn_chunk and attn_chunk < s_len:
     # Query chunks under jax.checkpoint: one chunk's scores live at a time, in any layer.
-    once, scores = SCORE_COPIES * compute_bytes * b * h * attn_chunk * s_len, 0.0
+    once, scores = score_bytes * b * h * attn_chunk * s_len, 0.0
   else:
     once = 0.0
   per_layer = scores + compute_bytes * b * (MLP_COPIES * s_len * i + RESIDUAL_COPIES * s_len * e)
@@ -197,11 +199,10 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
   s = model_config(config.student, dtype)
   t = model_config(config.teacher, dtype)
   batch = config.prompts_per_step * config.samples_per_prompt
-  window = config.kat.window
-  seq_len = config.max_prompt_len + -(-config.max_new_tokens // window) * window
-  microbatches = opd.resolve_microbatches(config.loss.microbatches, batch, seq_len,
-                                          mesh_shape[0] * mesh_shape[1],
-                                          backend="gpu" if accelerator else "cpu")
+  # Auto (0) is 1 on accelerators; on CPU the update picks its chunks from each step's trimmed,
+  # bucketed shapes, which can hold more tokens than a chunk of the full length would -- so the
+  # plan counts the whole batch at once, an upper bound for any chunking.
+  microbatches = config.loss.microbatches or 1
   return plan(s, t, mesh_shape, batch=batch,
               prompt_len=config.max_prompt_len, max_new_tokens=config.max_new_tokens,
               window=config.kat.window, vocab=min(s.vocab_size, t.vocab_size),

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +74,9 @@ class LossConfig:
   # The LM head and loss over chunks of this many positions (0 = all at once): the [B, T, V]
   # logits never exist whole, only [B, chunk, V]. Same loss and gradient.
   chunk: int = 0
+  # Used by the training loop, not by `update`: run the update on the rollout trimmed to its
+  # longest trained row (`trim`); False keeps one update shape per prompt bucket (fewer compiles).
+  trim: bool = True
 
   def __post_init__(self):
     if self.microbatches < 0 or self.chunk < 0:
@@ -120,8 +121,9 @@ _PER_TOKEN = ("tokens_BxT", "logp_student_BxT", "logp_teacher_BxT", "logp_behavi
 
 def trim(result: RolloutResult, window: int, chunk: int = 0) -> RolloutResult:
   """The rollout cut to the positions the update trains on: its per-token arrays sliced to the
-  longest trained row, rounded up to a power of two of windows (so a run compiles the update for
-  a handful of lengths at most), and to whole `loss.chunk`s.
+  longest trained row, rounded up to one of a few lengths -- window multiples that double from
+  ~1/8 of the buffer (so a run compiles the update for at most ~4 lengths per prompt bucket) --
+  and, past one loss chunk, to whole `loss.chunk`s.
 
   Rows that stop early (EOS, KAT's cut) then stop costing update compute too, as the rollout's
   batch compaction makes them stop costing rollout compute. Positions past every row's trained
@@ -129,10 +131,13 @@ def trim(result: RolloutResult, window: int, chunk: int = 0) -> RolloutResult:
   the loss and gradient are unchanged. One host read of [B] lengths.
   """
   t = result.tokens_BxT.shape[1]
-  unit = math.lcm(window, chunk) if chunk else window
   longest = int(np.max(to_host(result.trained_len_B)))
-  units = max(1, -(-longest // unit))
-  length = min(t, (1 << (units - 1).bit_length()) * unit)
+  units = max(1, (t // window) // 8)
+  while units * window < min(longest, t):
+    units *= 2
+  length = min(t, units * window)
+  if chunk and chunk < length and length % chunk:
+    length = min(t, -(-length // chunk) * chunk)  # validate: chunk divides t when chunk < t
   if length == t:
     return result
   return result.replace(**{f: getattr(result, f)[:, :length] for f in _PER_TOKEN})

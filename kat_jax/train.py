@@ -261,7 +261,8 @@ def train(config, workdir) -> dict:
                                  run.threshold_cfg)
     new_params, opt_state, m = opd.update(
         s_graph, s_now, t_graph, t_params, opt_state, prompt, start,
-        opd.trim(result, config.kat.window, config.loss.chunk), tx=run.tx,
+        opd.trim(result, config.kat.window, config.loss.chunk) if config.loss.trim else result,
+        tx=run.tx,
         cfg=run.loss_cfg, batch_shards=sharding.batch_shards(run.mesh))
     nnx.update(run.student, new_params)
     res = sharding.to_host(result)  # gathered across processes on a multi-host mesh

@@ -89,11 +89,12 @@ class KVCache:
     return self.k[0].shape[2]
 
 
-def _rope(x_BxTxHxD, positions_BxT, inv_freq):
-  # Half-split rotation (rotate_half), the convention of HF Llama/Qwen checkpoints.
+def _rope(x_BxTxHxD, positions_BxT, inv_freq, scale: float = 1.0):
+  # Half-split rotation (rotate_half), the convention of HF Llama/Qwen checkpoints. `scale`
+  # multiplies the result in fp32 (the queries' 1/sqrt(head_dim): no extra bf16 rounding).
   angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
-  cos = jnp.cos(angles_BxTxF)[:, :, None, :]
-  sin = jnp.sin(angles_BxTxF)[:, :, None, :]
+  cos = scale * jnp.cos(angles_BxTxF)[:, :, None, :]
+  sin = scale * jnp.sin(angles_BxTxF)[:, :, None, :]
   x = x_BxTxHxD.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -107,9 +108,8 @@ def _attention(q_BxTxHxD, keys_BxKxSxD, values_BxKxSxD, mask_BxTxS, cfg: ModelCo
   # Queries as [B, K, G*T, D]: batch dims leading and contracting dims last, the layout XLA's
   # dot emitter wants; the 5-D 'btkgd,bksd->bkgts' einsum made XLA CPU transpose the [.., T, S]
   # scores around the softmax (measured: attention fwd 7.4 -> 4.4 ms, fwd+bwd 31 -> 26 ms).
-  # The 1/sqrt(d) scale goes on q (T x D numbers), not on the T x S scores.
-  q_BxKxQxD = (q_BxTxHxD * jnp.asarray(d ** -0.5, q_BxTxHxD.dtype)).reshape(
-      b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
+  # q arrives scaled by 1/sqrt(d) (in its rotary embedding): T x D numbers, not T x S scores.
+  q_BxKxQxD = q_BxTxHxD.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
   # Scores and softmax in fp32 even when computing in bf16.
   scores_BxKxQxS = jnp.einsum("bkqd,bksd->bkqs", q_BxKxQxD, keys_BxKxSxD,
                               preferred_element_type=jnp.float32)
@@ -165,7 +165,7 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q_BxTxHxD = self.q_norm(q_BxTxHxD)
       k_BxTxKxD = self.k_norm(k_BxTxKxD)
-    q_BxTxHxD = _rope(q_BxTxHxD, positions_BxT, inv_freq)
+    q_BxTxHxD = _rope(q_BxTxHxD, positions_BxT, inv_freq, scale=cfg.head_dim ** -0.5)
     k_BxTxKxD = _rope(k_BxTxKxD, positions_BxT, inv_freq)
     k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
     v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
