@@ -198,12 +198,11 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
   nbytes = 2 if dtype in ("bfloat16", "float16") else 4
   s = model_config(config.student, dtype)
   t = model_config(config.teacher, dtype)
-  batch = config.prompts_per_step * config.samples_per_prompt
   # Auto (0) is 1 on accelerators; on CPU the update picks its chunks from each step's trimmed,
   # bucketed shapes, which can hold more tokens than a chunk of the full length would -- so the
   # plan counts the whole batch at once, an upper bound for any chunking.
   microbatches = config.loss.microbatches or 1
-  return plan(s, t, mesh_shape, batch=batch,
+  return plan(s, t, mesh_shape, batch=config.prompts_per_step * config.samples_per_prompt,
               prompt_len=config.max_prompt_len, max_new_tokens=config.max_new_tokens,
               window=config.kat.window, vocab=min(s.vocab_size, t.vocab_size),
               param_bytes_s=nbytes, param_bytes_t=nbytes, compute_bytes=nbytes,

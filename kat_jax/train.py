@@ -242,6 +242,7 @@ def train(config, workdir) -> dict:
   skips = int(meta.get("consecutive_skips", 0))
   # Converted once: a KAT run's cut lengths can be tens of thousands of entries.
   random_lengths = jnp.asarray(config.kat.random_lengths, jnp.int32)
+  shards = sharding.batch_shards(run.mesh)  # compaction sizes and update row chunks follow it
   for step in range(start_step, config.steps):
     t0 = time.perf_counter()
     step_key = jax.random.fold_in(key, step)
@@ -253,7 +254,7 @@ def train(config, workdir) -> dict:
     result = rollout.rollout(run.student, run.teacher, prompt, start,
                              jax.random.fold_in(step_key, 0), run.rollout_cfg, tau=tau,
                              spike_tau=config.kat.spike_tau,
-                             batch_multiple=sharding.batch_shards(run.mesh))
+                             batch_multiple=shards)
     if config.kat.mode == "random":
       result = rollout.apply_random_truncation(result, jax.random.fold_in(step_key, 1),
                                                random_lengths)
@@ -262,8 +263,7 @@ def train(config, workdir) -> dict:
     new_params, opt_state, m = opd.update(
         s_graph, s_now, t_graph, t_params, opt_state, prompt, start,
         opd.trim(result, config.kat.window, config.loss.chunk) if config.loss.trim else result,
-        tx=run.tx,
-        cfg=run.loss_cfg, batch_shards=sharding.batch_shards(run.mesh))
+        tx=run.tx, cfg=run.loss_cfg, batch_shards=shards)
     nnx.update(run.student, new_params)
     res = sharding.to_host(result)  # gathered across processes on a multi-host mesh
     m = {k: float(v) for k, v in sharding.to_host(m).items()}
