@@ -36,23 +36,31 @@ def defaults() -> ml_collections.ConfigDict:
   # student's chat template; size: items per generator (the source cycles through them).
   # extract: how the held-out prompts' answers are read ('boxed' | 'last_number'; benchmarks
   # named in eval.benchmarks always read the last \boxed{}).
+  # heldout_size: a jsonl source without eval_path holds this many records of data.path out of
+  # training (a fixed pseudo-random choice, at most half the file) for the held-out evaluation.
   c.data = ml_collections.ConfigDict(dict(
       source="arith", path="", eval_path="", seed=0, n_ops=3, tasks="", instruction="",
-      chat_template=False, size=10_000, extract="boxed"))
+      chat_template=False, size=10_000, extract="boxed", heldout_size=256))
   c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0))
+  # cut: onset | detection | onset_floor (onset, never before min_len); see kat_jax/kat.py.
   c.kat = ml_collections.ConfigDict(dict(
       mode="kat", signal="kl", window=32, patience=4, min_len=256, cut="onset", spike_gate=False,
       spike_tau=2.0, fixed_len=0, random_lengths=[0]))
+  # estimator: probe | censored | observed -- how tau avoids the bias of the windows KAT's own
+  # cuts hide; probe_fraction: rollouts per step that KAT never stops (kat_jax/threshold.py).
   c.threshold = ml_collections.ConfigDict(dict(
-      mode="adaptive", momentum=0.9, quantile=0.2, ratio=0.5, fixed_tau=0.0, warmup_steps=5))
+      mode="adaptive", momentum=0.9, quantile=0.2, ratio=0.5, fixed_tau=0.0, warmup_steps=5,
+      estimator="probe", probe_fraction=0.125))
   # beta: jsd only, TRL convention (0 = forward KL(teacher||student), 1 = reverse KL).
   # microbatches: the update's rows in sequential chunks (less activation memory, same gradient);
   # 0 = auto: ~512-token chunks on CPU (cache-resident, faster), 1 on GPU / TPU.
   # chunk: the LM head + loss over this many positions at a time (0 = all; saves [B, T, V] memory).
   # trim: the update runs on the rollout cut to its longest trained row (a few lengths, each
   # compiled once; same loss and gradient); False = always the full buffer.
-  c.loss = ml_collections.ConfigDict(dict(objective="sampled_pg", beta=0.5, temperature=1.0,
-                                          microbatches=0, chunk=0, trim=True))
+  # temperature: 0 = the sampling temperature (sampled_pg must train the policy it sampled from).
+  # ratio_clip: sampled_pg's truncated importance sampling, min(ratio, C) (0 = off).
+  c.loss = ml_collections.ConfigDict(dict(objective="sampled_pg", beta=0.5, temperature=0.0,
+                                          ratio_clip=0.0, microbatches=0, chunk=0, trim=True))
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=5e-5, warmup_steps=0, schedule="constant", total_steps=100, weight_decay=0.0,
       b1=0.9, b2=0.999, clip_norm=1.0, accumulation_steps=1))
@@ -171,15 +179,27 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
   if config.data.source == "jsonl" and not Path(config.data.path).is_file():
     _fail("data.path", config.data.path, "no such file; give a JSONL file of "
           '{"prompt": ..., "answer": ...} lines.')
+  evaluates = config.mode == "eval" or (config.mode == "train" and config.eval_size > 0)
+  if (config.data.source == "jsonl" and evaluates and not config.eval.benchmarks
+      and not config.data.eval_path and config.data.heldout_size == 0):
+    _fail("data.heldout_size", 0, "with no data.eval_path nothing is held out, and evaluation "
+          "would grade training prompts; set data.eval_path, data.heldout_size > 0, "
+          "eval.benchmarks, or eval_size=0.")
   try:  # the dataclasses' own range checks, reported with the config field
-    positions = rollout_config(config, (0,), 0, 1).buffer_len
+    positions = rollout_config(config, (0,), 0, 2**31 - 1).buffer_len
     threshold_config(config)
     from kat_jax import opd
     opd.OptimConfig(**config.optim)
-    opd.LossConfig(**config.loss)
+    if config.loss.temperature < 0:
+      raise ValueError(f"loss.temperature={config.loss.temperature} must be >= 0 (0 = the "
+                       "sampling temperature).")
+    loss_config(config, 1)
     eval_config(config)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
+  _check_objective(config)
+  if config.data.heldout_size < 0:
+    _fail("data.heldout_size", config.data.heldout_size, "must be >= 0.")
   chunk = config.loss.chunk
   if 0 < chunk < positions and positions % chunk:
     divisors = [d for d in range(config.kat.window, positions + 1, config.kat.window)
@@ -199,12 +219,46 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
         _fail("data.chat_template", True, f"the student {config.student} has no chat template; "
               "set data.chat_template=False (a base model) or use an instruct model.")
     try:
-      if config.mode != "eval":
-        hf.check_compatible(config.student, config.teacher)
+      vocab = (hf.check_compatible(config.student, config.teacher).vocab_size
+               if config.mode != "eval" else None)
     except ValueError as e:
       raise ConfigError(f"config.student / config.teacher: {e}") from None
+    for field, top_k in (("sampling.top_k", config.sampling.top_k),
+                         ("eval.top_k", config.eval.top_k)):
+      if vocab is not None and top_k > vocab:
+        _fail(field, top_k, f"exceeds the {vocab}-token vocabulary; use 0 (off) or a value "
+              f"<= {vocab}.")
   if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
     raise ConfigError(f"--workdir={workdir!r} exists and is not a directory; choose another path.")
+
+
+def _check_objective(config) -> None:
+  """sampled_pg is on-policy only when the loss scores the very distribution that sampled."""
+  if config.loss.objective != "sampled_pg":
+    return
+  s = config.sampling
+  fix = "use loss.objective='reverse_kl' (exact KL at every state, any sampling) instead."
+  if s.temperature == 0:
+    _fail("sampling.temperature", 0.0, "greedy decoding has no sampling distribution for "
+          f"sampled_pg's importance ratio; sample at a temperature > 0, or {fix}")
+  if s.top_k or s.top_p < 1:
+    _fail("sampling.top_k" if s.top_k else "sampling.top_p", s.top_k or s.top_p,
+          "sampled_pg scores the untruncated softmax, so with top-k / top-p sampling its "
+          "'on-policy' ratio is not 1 (measured mean 0.5-0.8); set sampling.top_k=0 and "
+          f"sampling.top_p=1.0, or {fix}")
+  if config.loss.temperature and config.loss.temperature != s.temperature:
+    _fail("loss.temperature", config.loss.temperature,
+          f"differs from sampling.temperature={s.temperature}: sampled_pg's ratio would be "
+          "pi^T_loss / pi^T_sample, not 1, on-policy (measured 0.59-2.65); set "
+          "loss.temperature=0 (follow the sampling temperature) or equal to it.")
+
+
+def loss_config(config, vocab_size: int):
+  """The update's LossConfig; loss.temperature 0 follows the sampling temperature (1 if greedy)."""
+  from kat_jax import opd
+  temperature = config.loss.temperature or config.sampling.temperature or 1.0
+  return opd.LossConfig(vocab_size=vocab_size,
+                        **{**config.loss.to_dict(), "temperature": temperature})
 
 
 def rollout_config(config, eos_ids, pad_id, vocab_size) -> rollout.RolloutConfig:

@@ -8,7 +8,11 @@ The rule, per row, over consecutive non-overlapping windows of W generated token
   * `low_run` counts consecutive low windows; the row is terminated at the end of the first window
     where low_run >= K (patience) and at least `min_len` tokens have been generated;
   * onset = first token of that low run; detection = the token count at termination; the loss keeps
-    tokens [0, cut) with cut = onset (default) or detection.
+    tokens [0, cut) with cut = onset (default), detection, or `onset_floor` = max(onset, min_len).
+Why a floor is an option: a row that is low from its start is only detected at min_len, and its
+low run then reaches back to token 0 -- the onset cut trains it on nothing. `onset_floor` keeps
+the first min_len tokens (where KAT may not act) in the loss. Which is better is an empirical
+question (the truncation-policy experiments); the default stays the paper's onset cut.
 State is O(1) per row and the work O(1) per token: a window mean, a counter, two flags.
 
 Signals: `kl` (default) is the full-vocabulary KL(student || teacher) per token, never negative.
@@ -32,7 +36,7 @@ import numpy as np
 
 MODES = ("none", "kat", "fixed", "random")
 SIGNALS = ("kl", "logratio")
-CUTS = ("onset", "detection")
+CUTS = ("onset", "detection", "onset_floor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +47,7 @@ class KATConfig:
   window: int = 32  # W: tokens per window; also the teacher's chunk length in the rollout
   patience: int = 4  # K consecutive low windows
   min_len: int = 256  # no termination before this many generated tokens
-  cut: str = "onset"  # onset | detection
+  cut: str = "onset"  # onset | detection | onset_floor (onset, never before min_len)
   spike_gate: bool = False
   fixed_len: int = 0  # mode=fixed: truncation length N
 
@@ -122,7 +126,11 @@ def window_update(state: KATState, signal_BxW, length_B, eos_B, start, tau, spik
 
 def trained_length(state: KATState, length_B, cfg: KATConfig):
   """Tokens of each row that the loss keeps."""
-  cut = state.detect_B if cfg.cut == "detection" and cfg.mode == "kat" else state.onset_B
+  cut = state.onset_B
+  if cfg.mode == "kat" and cfg.cut == "detection":
+    cut = state.detect_B
+  elif cfg.mode == "kat" and cfg.cut == "onset_floor":
+    cut = jnp.maximum(state.onset_B, cfg.min_len)
   return jnp.where(state.terminated_B, jnp.minimum(length_B, cut), length_B)
 
 
@@ -170,7 +178,7 @@ def detect_offline(signal_BxT, length_B, eos_B, tau: float, spike_tau: float,
       spiked = spiked or bool(np.any(window > spike_tau))
       if low and low_run >= cfg.patience and end >= cfg.min_len:
         onset = end - low_run * w
-        cut = end if cfg.cut == "detection" else onset
+        cut = {"onset": onset, "detection": end, "onset_floor": max(onset, cfg.min_len)}[cfg.cut]
         out["terminated"][r], out["detect"][r], out["onset"][r] = True, end, onset
         out["trained_len"][r] = min(length, cut)
         break

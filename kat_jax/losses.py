@@ -9,8 +9,14 @@ Conventions (one meaning each):
   * `sampled_pg` (default; Thinking Machines' OPD / Tinker cookbook): advantage
     A_t = -(log p_s(y_t) - log p_T(y_t)) from the rollout (temperature 1, stop-gradient, discount 0);
     loss_t = -exp(log pi_theta(y_t) - log pi_behavior(y_t)) * A_t, where pi_theta is the student at
-    `temperature` (set it to the sampling temperature) and pi_behavior the rollout's sampling
-    distribution, so the ratio is 1 on-policy and the gradient is -A_t * grad log pi_theta(y_t).
+    `temperature` and pi_behavior the rollout's sampling distribution. The training config sets
+    `temperature` to the sampling temperature and refuses top-k / top-p / greedy sampling with
+    this objective, so pi_theta is the behaviour policy itself: the ratio is 1 on-policy and the
+    gradient is -A_t * grad log pi_theta(y_t) -- the policy gradient of the sampling policy with
+    the per-token reverse-KL advantage of the (untempered) student against the teacher.
+    `ratio_clip` C > 0: truncated importance sampling, loss_t = -sg(min(ratio, C)) * A_t with the
+    gradient -min(ratio, C) * A_t * grad log pi_theta(y_t) (for sampling / training numerics that
+    differ, e.g. bf16 rollouts).
   * `reverse_kl`: exact KL(pi_theta || p_T) over the shared vocabulary at every trained position.
   * `forward_kl`: KL(p_T || pi_theta).
   * `jsd`: GKD's generalised Jensen-Shannon divergence in TRL's convention:
@@ -45,14 +51,19 @@ def _kl(logp_a, logp_b):
 
 
 def sampled_pg(student_logits_BxTxV, tokens_BxT, logp_student_BxT, logp_teacher_BxT,
-               logp_behavior_BxT, mask_BxT, temperature: float = 1.0):
+               logp_behavior_BxT, mask_BxT, temperature: float = 1.0, ratio_clip: float = 0.0):
   """Per-token importance-weighted policy-gradient loss with the OPD advantage."""
   logp = _log_probs(student_logits_BxTxV, temperature)
   logp_new = jnp.take_along_axis(logp, tokens_BxT[..., None], axis=-1)[..., 0]
-  advantage = jax.lax.stop_gradient(-(logp_student_BxT - logp_teacher_BxT))
+  advantage = jnp.where(mask_BxT, jax.lax.stop_gradient(-(logp_student_BxT - logp_teacher_BxT)),
+                        0.0)
   # Masked positions get log-ratio 0 *before* exp, so nothing there can overflow into NaN grads.
   log_ratio = jnp.where(mask_BxT, logp_new - jax.lax.stop_gradient(logp_behavior_BxT), 0.0)
-  return -jnp.exp(log_ratio) * jnp.where(mask_BxT, advantage, 0.0)
+  if ratio_clip > 0:
+    # exp(x - sg(x)) is 1 with the gradient of x: the weight min(ratio, C) stays a constant.
+    weight = jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_ratio), ratio_clip))
+    return -weight * jnp.exp(log_ratio - jax.lax.stop_gradient(log_ratio)) * advantage
+  return -jnp.exp(log_ratio) * advantage
 
 
 def reverse_kl(student_logits_BxTxV, teacher_logits_BxTxV, temperature: float = 1.0):
@@ -88,11 +99,11 @@ def masked_mean(loss_BxT, mask_BxT, num_tokens=None):
 def opd_loss(objective: str, student_logits_BxTxV, mask_BxT, *, tokens_BxT=None,
              logp_student_BxT=None, logp_teacher_BxT=None, logp_behavior_BxT=None,
              teacher_logits_BxTxV=None, beta: float = 0.5, temperature: float = 1.0,
-             num_tokens=None):
+             ratio_clip: float = 0.0, num_tokens=None):
   """One entry point: the objective's per-token loss, masked and normalised. Returns a scalar."""
   if objective == "sampled_pg":
     per_token = sampled_pg(student_logits_BxTxV, tokens_BxT, logp_student_BxT, logp_teacher_BxT,
-                           logp_behavior_BxT, mask_BxT, temperature)
+                           logp_behavior_BxT, mask_BxT, temperature, ratio_clip)
   elif objective == "reverse_kl":
     per_token = reverse_kl(student_logits_BxTxV, teacher_logits_BxTxV, temperature)
   elif objective == "forward_kl":

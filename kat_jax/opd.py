@@ -6,13 +6,21 @@ KAT-cut tail dropped). The teacher is only run here for the full-vocabulary obje
 uses the per-token teacher log-probs the rollout already computed.
 
 A non-finite loss or gradient skips the update (params and optimizer state unchanged) and is
-reported in the metrics, so the caller can count consecutive skips and stop the run.
+reported in the metrics, so the caller can count consecutive skips and stop the run. A batch with
+no trained token (every row cut at 0 by KAT) leaves them unchanged too (`empty`): Adam's momentum
+would otherwise still move the params on a step that carries no signal.
+
+Gradient accumulation (`optim.accumulation_steps` = k) is token-weighted: the applied gradient is
+the sum of the k steps' per-token gradients over their total trained tokens -- the gradient of one
+batch holding all k steps' tokens -- not the mean of k per-step means (with KAT, step token counts
+differ a lot). Schedules count training steps, whatever k.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +43,7 @@ class OptimConfig:
   b1: float = 0.9
   b2: float = 0.999
   clip_norm: float = 1.0  # global-norm clipping; 0 = off
-  accumulation_steps: int = 1
+  accumulation_steps: int = 1  # k training steps per optimizer update, token-weighted
 
   def __post_init__(self):
     if self.schedule not in ("constant", "cosine"):
@@ -45,26 +53,76 @@ class OptimConfig:
                        f"optim.accumulation_steps={self.accumulation_steps} >= 1.")
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def learning_rate(cfg: OptimConfig):
+  """The schedule as a function of the *training* step (warmup_steps, total_steps count them)."""
+  if cfg.schedule == "cosine" and cfg.warmup_steps == 0:  # no warm-up: the peak rate at step 0
+    return optax.cosine_decay_schedule(cfg.learning_rate, max(cfg.total_steps, 1))
   if cfg.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
-                                            max(cfg.total_steps, cfg.warmup_steps + 1))
-  else:
-    lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                              max(cfg.total_steps, cfg.warmup_steps + 1))
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
                                optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
+  """Clipping + AdamW; its `update` takes `num_tokens=` (the step's trained tokens)."""
+  k = cfg.accumulation_steps
+  schedule = learning_rate(cfg)
+  # optax counts applied updates; update u starts at training step u * k.
+  lr = schedule if k == 1 else (lambda count: schedule(count * k))
   chain = ([optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []) + [
       optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)]
   tx = optax.chain(*chain)
-  if cfg.accumulation_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulation_steps)
-  return tx
+  return token_weighted_accumulation(tx, k) if k > 1 else tx
+
+
+class AccumulationState(NamedTuple):
+  inner: optax.OptState
+  grad_sum: optax.Params  # sum over the steps so far of (per-token-mean gradient x tokens)
+  tokens: jax.Array  # float32: trained tokens so far
+  mini_step: jax.Array  # int32: steps accumulated so far (< k)
+
+
+def token_weighted_accumulation(inner: optax.GradientTransformation, every_k: int
+                                ) -> optax.GradientTransformationExtraArgs:
+  """Applies `inner` every `every_k` steps to sum(g_i * n_i) / sum(n_i), where g_i is step i's
+  gradient of its per-token mean loss and n_i its trained tokens; returns zero updates between."""
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params):
+    return AccumulationState(inner.init(params), jax.tree.map(jnp.zeros_like, params),
+                             jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+
+  def update(grads, state, params=None, *, num_tokens, **extra):
+    n = jnp.asarray(num_tokens, jnp.float32)
+    grad_sum = jax.tree.map(lambda s, g: s + g * n, state.grad_sum, grads)
+    tokens = state.tokens + n
+
+    def apply():
+      mean = jax.tree.map(lambda x: x / jnp.maximum(tokens, 1.0), grad_sum)
+      updates, new_inner = inner.update(mean, state.inner, params, **extra)
+      return updates, AccumulationState(new_inner, jax.tree.map(jnp.zeros_like, grad_sum),
+                                        jnp.zeros_like(tokens), jnp.zeros_like(state.mini_step))
+
+    def hold():
+      return (jax.tree.map(jnp.zeros_like, grads),
+              AccumulationState(state.inner, grad_sum, tokens, state.mini_step + 1))
+
+    return jax.lax.cond(state.mini_step + 1 >= every_k, apply, hold)
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   objective: str = "sampled_pg"
   beta: float = 0.5  # jsd only (TRL convention: 0 = forward KL, 1 = reverse KL)
-  temperature: float = 1.0  # see kat_jax.losses
+  # The student's distribution in the loss is softmax(logits / temperature); the config's 0
+  # resolves to the sampling temperature (config.loss_config), so sampled_pg is on-policy.
+  temperature: float = 1.0
+  # sampled_pg: truncated importance sampling -- weight each token by min(ratio, ratio_clip),
+  # a constant -- against small sampling / training mismatches (bf16); 0 = off (exact on-policy).
+  ratio_clip: float = 0.0
   vocab_size: int = 0  # shared vocabulary (logits are sliced to it)
   # Rows of the batch go through the forward / backward in this many sequential chunks (a scan
   # that sums their gradients): activation memory / microbatches, the same loss and gradient.
@@ -87,6 +145,8 @@ class LossConfig:
     if not 0 <= self.beta <= 1 or self.temperature <= 0:
       raise ValueError(f"loss.beta={self.beta} must be in [0, 1] and loss.temperature="
                        f"{self.temperature} > 0.")
+    if self.ratio_clip < 0:
+      raise ValueError(f"loss.ratio_clip={self.ratio_clip} must be >= 0 (0 = off; e.g. 2.0).")
 
 
 # On XLA CPU the update is memory-bound, not matmul-bound: a [B*S, 4E] MLP activation or the
@@ -174,7 +234,8 @@ def _loss(s_params, s_graph, t_model, prompt_BxP, start_B, result: RolloutResult
     return losses.opd_loss(cfg.objective, s_logits, mask, tokens_BxT=tokens, logp_student_BxT=lp_s,
                            logp_teacher_BxT=lp_t, logp_behavior_BxT=lp_b,
                            teacher_logits_BxTxV=t_logits, beta=cfg.beta,
-                           temperature=cfg.temperature, num_tokens=num_tokens)
+                           temperature=cfg.temperature, ratio_clip=cfg.ratio_clip,
+                           num_tokens=num_tokens)
 
   t = s_hidden.shape[1]
   c = cfg.chunk
@@ -202,7 +263,8 @@ def _loss(s_params, s_graph, t_model, prompt_BxP, start_B, result: RolloutResult
 def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
            result: RolloutResult, *, tx: optax.GradientTransformation, cfg: LossConfig,
            batch_shards: int = 1):
-  """Returns (new params, new optimizer state, metrics); skips the update if non-finite.
+  """Returns (new params, new optimizer state, metrics); skips the update if non-finite
+  (`skipped`) or if no token is trained (`empty`).
 
   batch_shards: how many ways the batch is split over the mesh (data x fsdp), so that each row
   chunk of `cfg.microbatches` takes rows from every shard.
@@ -235,12 +297,15 @@ def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
     (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), chunks)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  apply = finite & (num_tokens > 0)
   # Zeroed grads keep the optimizer math finite on the skipped branch; its result is discarded.
-  safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-  updates, new_opt = tx.update(safe_grads, opt_state, s_params)
+  safe_grads = jax.tree.map(lambda g: jnp.where(apply, g, 0.0), grads)
+  updates, new_opt = optax.with_extra_args_support(tx).update(
+      safe_grads, opt_state, s_params, num_tokens=num_tokens)
   new_params = optax.apply_updates(s_params, updates)
-  keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+  keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
   new_params = jax.tree.map(keep, new_params, s_params)
   new_opt = jax.tree.map(keep, new_opt, opt_state)
-  metrics = dict(loss=loss, grad_norm=grad_norm, skipped=~finite, trained_tokens=num_tokens)
+  metrics = dict(loss=loss, grad_norm=grad_norm, skipped=~finite, empty=num_tokens == 0,
+                 trained_tokens=num_tokens)
   return new_params, new_opt, metrics

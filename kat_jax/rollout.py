@@ -7,7 +7,9 @@ One `lax.while_loop` iteration handles one KAT window of W tokens for the whole 
   3. per token, in fp32 over the shared vocabulary: log p_s(y), log p_t(y), log p_behavior(y) (the
      tempered / truncated sampling distribution, for importance weights) and the exact
      KL(p_s || p_t) -- reduced to [B] scalars at once: no [B, T, V] buffer ever exists;
-  4. the KAT window test (`kat.window_update`) stops trapped rows.
+  4. the KAT window test (`kat.window_update`) stops trapped rows -- except *probe* rows, whose
+     cut is recorded for the loss but whose generation goes on, so that the adaptive threshold
+     sees uncensored statistics (kat_jax/threshold.py).
 A row stops on any EOS id, at `max_new_tokens`, or by KAT; the loop exits when every row has.
 
 Rows that stop early must stop costing compute. Besides the loop exit, the host driver *compacts*
@@ -32,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from kat_jax import kat as kat_lib
+from kat_jax import threshold as threshold_lib
 from kat_jax.models import KVCache, Transformer
 from kat_jax.sharding import replicate, to_host
 
@@ -67,6 +70,7 @@ class RolloutConfig:
       raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
     if not self.eos_ids:
       raise ValueError("eos_ids is empty: give at least one end-of-sequence token id.")
+    check_top_k(self.sampling, self.vocab_size, "sampling")
 
   @property
   def window(self) -> int:
@@ -96,6 +100,7 @@ class RolloutState:
   eos_B: jax.Array
   done_B: jax.Array
   kat: kat_lib.KATState
+  probe_B: jax.Array  # bool: KAT records this row's cut but never stops its generation
   row_id_B: jax.Array  # original row index (compaction reorders rows)
   step: jax.Array  # tokens generated so far (a multiple of W)
   key: jax.Array
@@ -113,20 +118,34 @@ class RolloutResult:
   logp_teacher_BxT: jax.Array
   logp_behavior_BxT: jax.Array  # log-prob under the actual sampling distribution
   kl_BxT: jax.Array  # full-vocabulary KL(p_student || p_teacher) at each position
-  terminated_B: jax.Array  # stopped by KAT (or truncated in the fixed / random ablations)
+  terminated_B: jax.Array  # cut by KAT (or truncated in the fixed / random ablations)
   detect_B: jax.Array
   onset_B: jax.Array
   trained_len_B: jax.Array  # the loss keeps tokens [0, trained_len)
   loss_mask_BxT: jax.Array
   window_mean_BxN: jax.Array
   window_complete_BxN: jax.Array
+  probe_B: jax.Array  # KAT's cut applies to the loss only: the row was generated to its end
 
   @property
   def logratio_BxT(self):
     return self.logp_student_BxT - self.logp_teacher_BxT
 
+  def windows(self, window: int) -> threshold_lib.Windows:
+    """The window statistics the adaptive threshold observes."""
+    return threshold_lib.Windows(
+        mean_BxN=self.window_mean_BxN, complete_BxN=self.window_complete_BxN,
+        probe_B=self.probe_B, terminated_B=self.terminated_B,
+        detect_window_B=jnp.where(self.terminated_B, self.detect_B // window, -1))
+
 
 # --------------------------------------------------------------------------------- sampling
+
+
+def check_top_k(cfg: SamplingConfig, vocab_size: int, field: str) -> None:
+  if cfg.top_k > vocab_size:
+    raise ValueError(f"{field}.top_k={cfg.top_k} exceeds the {vocab_size}-token vocabulary; use "
+                     f"0 (off) or a value <= {vocab_size}.")
 
 
 def sample(logits_BxV, keys_B, cfg: SamplingConfig):
@@ -181,8 +200,8 @@ def _last_logits(model: Transformer, tokens_BxP, cache: KVCache, vocab: int):
 
 
 @functools.partial(jax.jit, static_argnames=("s_graph", "t_graph", "cfg"))
-def _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP, start_B, key, tau, spike_tau, *,
-             cfg: RolloutConfig) -> RolloutState:
+def _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP, start_B, probe_B, key, tau,
+             spike_tau, *, cfg: RolloutConfig) -> RolloutState:
   student, teacher = nnx.merge(s_graph, s_params), nnx.merge(t_graph, t_params)
   b, p = prompt_BxP.shape
   t = cfg.buffer_len
@@ -199,7 +218,7 @@ def _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP, start_B, key, tau
       window_complete_BxN=jnp.zeros((b, n_windows), jnp.bool_),
       s_cache=s_cache, t_cache=t_cache, s_next_BxV=s_next, t_next_BxV=t_next,
       length_B=jnp.zeros((b,), jnp.int32), eos_B=jnp.zeros((b,), jnp.bool_),
-      done_B=jnp.zeros((b,), jnp.bool_), kat=kat_lib.init_state(b),
+      done_B=jnp.zeros((b,), jnp.bool_), kat=kat_lib.init_state(b), probe_B=probe_B,
       row_id_B=jnp.arange(b, dtype=jnp.int32), step=jnp.zeros((), jnp.int32), key=key,
       tau=jnp.asarray(tau, jnp.float32), spike_tau=jnp.asarray(spike_tau, jnp.float32))
 
@@ -269,7 +288,8 @@ def _window(student: Transformer, teacher: Transformer, state: RolloutState,
                                 kat_lib.window_complete(length_B, eos_B, start + w)[:, None], win),
       s_cache=s_cache, t_cache=t_cache, s_next_BxV=s_next,
       t_next_BxV=t_logits_BxWxV[:, -1],
-      length_B=length_B, eos_B=eos_B, done_B=done_B | fire_B, kat=kat_state, step=start + w)
+      length_B=length_B, eos_B=eos_B, done_B=done_B | (fire_B & ~state.probe_B), kat=kat_state,
+      step=start + w)
 
 
 @functools.partial(jax.jit, static_argnames=("s_graph", "t_graph", "cfg"), donate_argnames=("state",))
@@ -319,12 +339,13 @@ def _compaction_sizes(batch: int, multiple: int) -> list[int]:
 
 
 def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key,
-            cfg: RolloutConfig, *, tau=0.0, spike_tau=float("inf"), batch_multiple: int = 1
-            ) -> RolloutResult:
+            cfg: RolloutConfig, *, tau=0.0, spike_tau=float("inf"), probe_B=None,
+            batch_multiple: int = 1) -> RolloutResult:
   """Samples from `student`, scores with `teacher`, applies KAT; see the module docstring.
 
   prompt_BxP: left-padded int32 prompts (see `pad_prompts`); start_B: left-pad count per row.
   tau, spike_tau: KAT thresholds (traced: new values never recompile).
+  probe_B: bool [B], rows KAT never stops (their cut still applies to the loss); None = none.
   batch_multiple: compacted batch sizes stay multiples of this (the number of batch shards).
   """
   for who, model in (("student", student), ("teacher", teacher)):
@@ -345,8 +366,13 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
   if isinstance(where, jax.sharding.NamedSharding):
     key, tau, spike_tau = (replicate(x, where.mesh) for x in (
         key, np.float32(to_host(tau)), np.float32(to_host(spike_tau))))
+  if probe_B is None:
+    probe_B = np.zeros((b,), bool)
+  if np.shape(probe_B) != (b,):
+    raise ValueError(f"probe_B must be [B] = [{b}]; got {np.shape(probe_B)}.")
+  probe_B = jnp.asarray(probe_B, jnp.bool_)
   state = _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP,
-                   jnp.asarray(start_B, jnp.int32), key, tau, spike_tau, cfg=cfg)
+                   jnp.asarray(start_B, jnp.int32), probe_B, key, tau, spike_tau, cfg=cfg)
   multiple = cfg.compact_multiple
   if multiple >= 0:
     multiple = max(multiple or b // 8, 1)
@@ -382,11 +408,12 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
   else:
     rows = {f: getattr(state, f) for f in _ROW_FIELDS}
     kat_state = state.kat
-  return _finalize(rows, kat_state, cfg=cfg)
+  return _finalize(rows, kat_state, probe_B, cfg=cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _finalize(rows: dict, kat_state: kat_lib.KATState, *, cfg: RolloutConfig) -> RolloutResult:
+def _finalize(rows: dict, kat_state: kat_lib.KATState, probe_B, *, cfg: RolloutConfig
+              ) -> RolloutResult:
   trained = kat_lib.trained_length(kat_state, rows["length_B"], cfg.kat)
   t = rows["tokens_BxT"].shape[1]
   return RolloutResult(
@@ -396,7 +423,8 @@ def _finalize(rows: dict, kat_state: kat_lib.KATState, *, cfg: RolloutConfig) ->
       terminated_B=kat_state.terminated_B, detect_B=kat_state.detect_B,
       onset_B=kat_state.onset_B, trained_len_B=trained,
       loss_mask_BxT=jnp.arange(t)[None, :] < trained[:, None],
-      window_mean_BxN=rows["window_mean_BxN"], window_complete_BxN=rows["window_complete_BxN"])
+      window_mean_BxN=rows["window_mean_BxN"], window_complete_BxN=rows["window_complete_BxN"],
+      probe_B=probe_B)
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "max_new_tokens", "eos_ids", "pad_id",
@@ -439,11 +467,13 @@ def generate(model: Transformer, prompt_BxP, start_B, key, *, max_new_tokens: in
   Same per-row keys as `rollout`, so with the same key it draws the same tokens as the student
   does inside the fused rollout.
   """
+  vocab_size = vocab_size or model.cfg.vocab_size
+  check_top_k(sampling, vocab_size, "eval")
   graph, params = nnx.split(model)
   return _generate(graph, params, jnp.asarray(prompt_BxP, jnp.int32),
                    jnp.asarray(start_B, jnp.int32), key, max_new_tokens=max_new_tokens,
                    eos_ids=tuple(eos_ids), pad_id=pad_id,
-                   vocab_size=vocab_size or model.cfg.vocab_size, sampling=sampling)
+                   vocab_size=vocab_size, sampling=sampling)
 
 
 def apply_random_truncation(result: RolloutResult, key, target_lengths_N) -> RolloutResult:

@@ -22,7 +22,7 @@ from flax import nnx
 
 from kat_jax import evaluate as evaluate_lib
 from kat_jax import hf, loops, memory, opd, rollout, sharding, threshold
-from kat_jax.config import eval_config, rollout_config, threshold_config
+from kat_jax.config import eval_config, loss_config, rollout_config, threshold_config
 from kat_jax.models.config import ConfigError
 
 
@@ -110,7 +110,7 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
       benchmarks=benches,
       eval_cfg=eval_config(config), mesh=mesh,
       tx=opd.make_optimizer(opd.OptimConfig(**config.optim)),
-      loss_cfg=opd.LossConfig(vocab_size=vocab_size, **config.loss),
+      loss_cfg=loss_config(config, vocab_size),
       rollout_cfg=rollout_config(config, eos_ids, pad_id, vocab_size),
       threshold_cfg=threshold_config(config))
 
@@ -151,6 +151,28 @@ def _manager(run: Run, create: bool = True):
       (run.workdir / "checkpoints").resolve(),
       options=ocp.CheckpointManagerOptions(max_to_keep=run.config.keep_checkpoints,
                                            create=create))
+
+
+def check_resume(config, workdir) -> int | None:
+  """The step a run in `workdir` resumes from (None: a fresh run), checked against the config
+  before anything loads: the data stream must continue where the checkpoint left it."""
+  ckpts = Path(workdir) / "checkpoints"
+  if not ckpts.is_dir():
+    return None
+  manager = ocp.CheckpointManager(ckpts.resolve(),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  step = manager.latest_step()
+  if step is None:
+    return None
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  position = meta.get("data_position")
+  if position is not None and position != step * config.prompts_per_step:
+    raise ConfigError(
+        f"config.prompts_per_step={config.prompts_per_step}: the checkpoint at step {step} in "
+        f"{ckpts} has consumed {position} prompts ({position // max(step, 1)} per step); "
+        f"resuming with {config.prompts_per_step} per step would skip or repeat data. Resume "
+        f"with prompts_per_step={position // max(step, 1)}, or start a new --workdir.")
+  return step
 
 
 def _restore(run: Run, manager, step, opt_state, th_state):
@@ -205,6 +227,7 @@ def evaluate_mode(config, workdir) -> dict:
 
 def train(config, workdir) -> dict:
   """The main job. Returns the final summary (also printed as a table)."""
+  check_resume(config, workdir)
   run = setup(config, workdir)
   main = _main_process()
   run.workdir.mkdir(parents=True, exist_ok=True)
@@ -238,6 +261,8 @@ def train(config, workdir) -> dict:
                                    for k, v in evaluate_lib.flat_metrics(before).items()})
   totals = dict(generated=0, trained=0, rows=0, terminated=0, saved=0, looped=0)
   per_step = config.prompts_per_step * config.samples_per_prompt
+  # Rollouts KAT never stops, so the adaptive tau sees uncensored windows (kat_jax/threshold.py).
+  probes = threshold.num_probes(per_step, run.threshold_cfg, config.kat.mode)
   progress = _progress(config.steps, start_step) if main else None
   skips = int(meta.get("consecutive_skips", 0))
   # Converted once: a KAT run's cut lengths can be tens of thousands of entries.
@@ -251,22 +276,25 @@ def train(config, workdir) -> dict:
     prompt, start = _encode(run, prompts)
     tau = threshold.tau(th_state, step, run.threshold_cfg)
     _, s_now = nnx.split(run.student, nnx.Param)
+    probe_B = sharding.put_batch(threshold.probe_mask(per_step, probes, config.seed, step),
+                                 run.mesh)
     result = rollout.rollout(run.student, run.teacher, prompt, start,
                              jax.random.fold_in(step_key, 0), run.rollout_cfg, tau=tau,
-                             spike_tau=config.kat.spike_tau,
+                             spike_tau=config.kat.spike_tau, probe_B=probe_B,
                              batch_multiple=shards)
     if config.kat.mode == "random":
       result = rollout.apply_random_truncation(result, jax.random.fold_in(step_key, 1),
                                                random_lengths)
-    th_state = threshold.observe(th_state, result.window_mean_BxN, result.window_complete_BxN,
-                                 run.threshold_cfg)
     new_params, opt_state, m = opd.update(
         s_graph, s_now, t_graph, t_params, opt_state, prompt, start,
         opd.trim(result, config.kat.window, config.loss.chunk) if config.loss.trim else result,
         tx=run.tx, cfg=run.loss_cfg, batch_shards=shards)
     nnx.update(run.student, new_params)
+    # A skipped (non-finite) update's rollout does not feed the threshold either.
+    th_state, th_m = threshold.observe(th_state, result.windows(config.kat.window),
+                                       run.threshold_cfg, accept=~m["skipped"])
     res = sharding.to_host(result)  # gathered across processes on a multi-host mesh
-    m = {k: float(v) for k, v in sharding.to_host(m).items()}
+    m = {k: float(v) for k, v in sharding.to_host({**m, **th_m}).items()}
     skips = skips + 1 if m["skipped"] else 0
     gen = int(res.length_B.sum())
     saved = int(np.sum(np.where(res.terminated_B, config.max_new_tokens - res.length_B, 0)))
@@ -274,13 +302,14 @@ def train(config, workdir) -> dict:
     gen_mask = np.arange(res.kl_BxT.shape[1])[None, :] < res.length_B[:, None]
     # Ground truth for KAT on real models: rollouts with an n-gram repetition loop.
     loop_B = loops.loop_onsets(res.tokens_BxT, res.length_B)
-    rec = dict(loss=m["loss"], grad_norm=m["grad_norm"], skipped=m["skipped"],
+    rec = dict(loss=m["loss"], grad_norm=m["grad_norm"], skipped=m["skipped"], empty=m["empty"],
                kl=float(res.kl_BxT[gen_mask].mean()) if gen else 0.0,
                kl_sampled=float(res.logratio_BxT[gen_mask].mean()) if gen else 0.0,
                trap_rate=float(res.terminated_B.mean()), loop_rate=float((loop_B >= 0).mean()),
                gen_len=float(res.length_B.mean()),
                trained_len=float(res.trained_len_B.mean()),
                tokens_saved_frac=saved / max(gen + saved, 1), tau=float(sharding.to_host(tau)),
+               tau_probe=m["tau_probe"], tau_rejected=m["tau_rejected"],
                tokens_per_s=gen / step_time, step_time=step_time)
     totals["generated"] += gen
     totals["trained"] += int(res.trained_len_B.sum())
@@ -300,7 +329,7 @@ def train(config, workdir) -> dict:
     if rollouts_file:
       rollouts_file.write(json.dumps(dict(
           step=step + 1, length=res.length_B.tolist(), trained_len=res.trained_len_B.tolist(),
-          terminated=res.terminated_B.tolist(), eos=res.eos_B.tolist(),
+          terminated=res.terminated_B.tolist(), probe=res.probe_B.tolist(), eos=res.eos_B.tolist(),
           loop_onset=loop_B.tolist())) + "\n")
       rollouts_file.flush()
     if progress:

@@ -78,6 +78,22 @@ def test_jsonl_source_and_errors(tmp_path):
 
 
 def test_arith_source_positions():
+  """Example i is a pure function of (seed, i): a batch is the examples at its positions (a
+  fresh source -- a resumed run -- gives the same ones), and every answer is its prompt's value."""
   src = sources.ArithSource(seed=2)
-  assert src.batch(3, 2) == [src.example(3), src.example(4)]
-  assert src.example(0)[0].endswith("=")
+  batch = src.batch(3, 4)
+  assert batch[1:] == sources.ArithSource(seed=2).batch(4, 3)
+  assert len({p for p, _ in batch}) == 4 and batch != sources.ArithSource(seed=3).batch(3, 4)
+  for prompt, answer in batch:
+    assert prompt.endswith("=")
+    assert int(answer) == sum(int(x) for x in prompt[:-1].replace("-", "+-").split("+"))
+
+
+def test_jsonl_heldout_split_is_fixed_disjoint_and_bounded():
+  train, held = sources.heldout_split(100, 10)
+  assert len(held) == 10 and len(train) == 90 and not set(train) & set(held)
+  assert sorted(set(train) | set(held)) == list(range(100))
+  np_train, np_held = sources.heldout_split(100, 10)
+  assert list(held) == list(np_held)  # fixed: independent of any seed
+  assert sorted(held) != list(range(90, 100))  # not the file's tail: a pseudo-random part
+  assert len(sources.heldout_split(6, 10)[1]) == 3  # at most half the file

@@ -5,7 +5,7 @@ import types
 import pytest
 
 from kat_jax import grading
-from kat_jax.data import benchmarks, chat, gym, sources
+from kat_jax.data import benchmarks, gym, sources
 
 reasoning_gym = pytest.importorskip("reasoning_gym")
 
@@ -24,7 +24,7 @@ def test_parse_tasks():
 
 def test_source_interleaves_tasks_and_matches_the_generators():
   src = gym.GymSource(TASKS, seed=5)
-  base = 5 * gym.SEED_STRIDE  # neighbouring seeds must not share reasoning-gym item seeds
+  base = 5 * 10**7  # data.seed 5 -> item seeds 5e7 + j: neighbouring seeds never share items
   chain = reasoning_gym.create_dataset("chain_sum", seed=base, size=10, min_terms=2, max_terms=2,
                                        min_digits=1, max_digits=1)
   arith = reasoning_gym.create_dataset("basic_arithmetic", seed=base, size=10, min_terms=2,
@@ -67,13 +67,14 @@ def test_prompts_use_instruction_and_chat_template(tmp_path):
   question = reasoning_gym.create_dataset(
       "chain_sum", seed=0, size=1, min_terms=2, max_terms=2, min_digits=1, max_digits=1)[0]
   assert prompt == f"<|user|>{question['question']}\n\nThink.</s><|assistant|>"
-  assert prompt == chat.render(template, [{"role": "user",
-                                           "content": f"{question['question']}\n\nThink."}],
-                               eos_token="</s>")
   assert answer == question["answer"]
   bench = benchmarks.heldout(data, 5, tmp_path)
   assert bench.extract == "last_number" and len(bench.prompts) == 5
-  assert bench.prompts[0] == sources.from_config(data, "eval", tmp_path).example(0)[0]
+  # Held-out items come from reasoning-gym seeds 1e9 + j (data.seed 0), formatted as in training.
+  held = reasoning_gym.create_dataset("chain_sum", seed=10**9, size=1, min_terms=2, max_terms=2,
+                                      min_digits=1, max_digits=1)[0]
+  assert bench.prompts[0] == f"<|user|>{held['question']}\n\nThink.</s><|assistant|>"
+  assert bench.golds[0] == held["answer"]
   with pytest.raises(ValueError, match="no chat template"):
     sources.from_config(data, "train", tmp_path / "nowhere")
 

@@ -73,6 +73,11 @@ def test_low_stretch_terminates_exactly_rows_independently():
   assert ref["onset"].tolist() == [8, 20, -1, 0]  # the run started before min_len
   assert ref["trained_len"].tolist() == [24, 32, 48, 24]
 
+  # onset_floor: the onset cut, but never before min_len -- row 3 (low from token 0) keeps 24.
+  floor = kat.KATConfig(window=4, patience=3, min_len=24, cut="onset_floor")
+  ref = _compare(signal, length, eos, 0.5, np.inf, floor)
+  assert ref["trained_len"].tolist() == [24, 24, 48, 24]
+
 
 def test_spike_gate_needs_a_spike_in_an_earlier_window():
   cfg = kat.KATConfig(window=4, patience=2, min_len=0, spike_gate=True)
@@ -111,7 +116,7 @@ def test_in_loop_equals_offline_on_random_signals(data):
   cfg = kat.KATConfig(
       mode=data.draw(st.sampled_from(["kat", "kat", "fixed", "none"])),
       window=w, patience=data.draw(st.integers(1, 4)), min_len=data.draw(st.integers(0, 12)),
-      cut=data.draw(st.sampled_from(["onset", "detection"])),
+      cut=data.draw(st.sampled_from(["onset", "detection", "onset_floor"])),
       spike_gate=data.draw(st.booleans()), fixed_len=data.draw(st.integers(1, 24)))
   b, t = 5, 24
   # Multiples of 1/8 keep every window sum exact, so jnp and numpy agree on each comparison.

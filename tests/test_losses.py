@@ -124,21 +124,32 @@ def test_sampled_pg_on_policy_gradient_is_advantage_weighted_score():
   np.testing.assert_allclose(np.asarray(grad), expected, atol=1e-6)
 
 
-def test_eos_is_trained_when_pad_equals_eos():
-  eos = pad = 0
-  tokens = np.array([[4, 5, eos, pad, pad], [3, eos, pad, pad, pad]])
-  length = np.array([3, 2])  # EOS included
-  assert not (tokens != pad)[0, 2], "an id-based mask would drop this EOS: masks come from lengths"
-  mask = np.asarray(losses.token_mask(jnp.asarray(length), 5))
-  assert mask.tolist() == [[True, True, True, False, False], [True, True, False, False, False]]
-  s, t, _, _, _, _, _ = _inputs(4)
-  s, t = s[:2], t[:2]
-  grad = jax.grad(lambda x: losses.opd_loss("reverse_kl", x, jnp.asarray(mask),
-                                            teacher_logits_BxTxV=jnp.asarray(t, jnp.float32)))(
-                                                jnp.asarray(s, jnp.float32))
-  grad = np.abs(np.asarray(grad)).sum(-1)
-  assert grad[0, 2] > 0 and grad[1, 1] > 0, "the EOS positions must carry gradient"
-  assert np.all(grad[0, 3:] == 0) and np.all(grad[1, 2:] == 0)
+def test_truncated_importance_sampling_weights_the_score_by_the_clipped_ratio():
+  """ratio_clip C: the value is -min(ratio, C) A_t per token and the gradient
+  -min(ratio, C) A_t (onehot(y_t) - p_t) / (T N), the ratio a constant (TIS)."""
+  s, t, tokens, lp_s, lp_t, _, mask = _inputs(7)
+  temperature, clip = 0.8, 1.1
+  lp = _np_logsoftmax(s / temperature)
+  lp_new = np.take_along_axis(lp, tokens[..., None], -1)[..., 0]
+  rng = np.random.RandomState(1)
+  lp_b = lp_new + rng.choice([-0.4, -0.05, 0.05, 0.4], size=lp_new.shape)  # ratios both sides
+  ratio = np.exp(lp_new - lp_b)
+  assert (ratio[mask] > clip).any() and (ratio[mask] < clip).any()
+  adv = -(lp_s - lp_t)
+  weight = np.minimum(ratio, clip) * mask
+  n = mask.sum()
+
+  def loss(x):
+    return losses.opd_loss("sampled_pg", x, jnp.asarray(mask), tokens_BxT=jnp.asarray(tokens),
+                           logp_student_BxT=jnp.asarray(lp_s, jnp.float32),
+                           logp_teacher_BxT=jnp.asarray(lp_t, jnp.float32),
+                           logp_behavior_BxT=jnp.asarray(lp_b, jnp.float32),
+                           temperature=temperature, ratio_clip=clip)
+
+  val, grad = jax.value_and_grad(loss)(jnp.asarray(s, jnp.float32))
+  np.testing.assert_allclose(float(val), -(weight * adv).sum() / n, rtol=1e-5)
+  expected = -(weight * adv)[..., None] * (np.eye(V)[tokens] - np.exp(lp)) / temperature / n
+  np.testing.assert_allclose(np.asarray(grad), expected, atol=1e-6)
 
 
 def test_empty_batch_gives_zero_not_nan():

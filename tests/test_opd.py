@@ -67,11 +67,6 @@ def test_non_finite_update_is_skipped():
 def test_microbatched_and_chunked_update_equals_the_full_batch():
   """loss.microbatches (rows) and loss.chunk (positions) split the update into scans: the same
   loss, gradient norm and new params as the whole batch at once."""
-  import jax
-  import numpy as np
-  from flax import nnx
-
-  from kat_jax import kat, opd, rollout
   from kat_jax.models import ModelConfig, Transformer
   cfg = ModelConfig(family="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
@@ -82,7 +77,9 @@ def test_microbatched_and_chunked_update_equals_the_full_batch():
   rcfg = rollout.RolloutConfig(max_new_tokens=12, eos_ids=(63,), pad_id=0, vocab_size=64,
                                kat=kat.KATConfig(window=4, patience=1, min_len=4))
   res = rollout.rollout(s, t, prompt, start, jax.random.key(1), rcfg, tau=2.0)
-  tx = opd.make_optimizer(opd.OptimConfig(learning_rate=1e-2))
+  # SGD with lr 1: new params = params - gradient, so equal params mean equal gradients (Adam's
+  # first step, ~lr * sign(g), would only compare signs).
+  tx = optax.sgd(1.0)
   sg, sp = nnx.split(s, nnx.Param)
   tg, tp = nnx.split(t)
   out = {}
@@ -179,3 +176,107 @@ def test_trimmed_update_equals_the_full_length_one():
       assert got.tokens_BxT.shape[1] == want, (t, window, chunk, longest)
       assert got.loss_mask_BxT.shape[1] == want and want >= longest
       assert not chunk or want <= chunk or want % chunk == 0
+
+
+def test_eos_is_trained_when_pad_equals_eos():
+  """The fused rollout with pad id == an EOS id (as many checkpoints ship): the EOS token that
+  ends a row is in the loss mask -- masks come from lengths, not ids -- and carries its term."""
+  student = _model(0, VOCAB, 32, 2)
+  teacher = _model(1, 40, 48, 3, family="qwen2")
+  pad = EOS[0]
+  cfg = rollout.RolloutConfig(max_new_tokens=16, eos_ids=EOS, pad_id=pad, vocab_size=VOCAB,
+                              kat=kat.KATConfig(mode="none", window=4), compact_multiple=-1)
+  p, start = rollout.pad_prompts(PROMPTS, pad)
+  res = jax.device_get(rollout.rollout(student, teacher, p, start, jax.random.key(3), cfg))
+  rows = np.flatnonzero(res.eos_B)
+  last = res.length_B[rows] - 1
+  assert len(rows) >= 2 and np.isin(res.tokens_BxT[rows, last], EOS).all()
+  assert (res.tokens_BxT[rows, last] == pad).any(), "some row must end with the pad-valued EOS"
+  assert res.loss_mask_BxT[rows, last].all()
+  np.testing.assert_array_equal(res.loss_mask_BxT.sum(1), res.length_B)
+  assert np.abs(res.logratio_BxT[rows, last]).sum() > 1e-3  # the EOS terms are not zero
+  # On-policy sampled_pg = the masked mean log-ratio, EOS positions included.
+  s_graph, s_params = nnx.split(student)
+  t_graph, t_params = nnx.split(teacher)
+  tx = optax.sgd(1.0)
+  _, _, m = opd.update(s_graph, s_params, t_graph, t_params, tx.init(s_params), jnp.asarray(p),
+                       jnp.asarray(start), jax.tree.map(jnp.asarray, res), tx=tx,
+                       cfg=opd.LossConfig(vocab_size=VOCAB))
+  gen = np.arange(res.tokens_BxT.shape[1])[None, :] < res.length_B[:, None]
+  np.testing.assert_allclose(float(m["loss"]), res.logratio_BxT[gen].mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_without_trained_tokens_leaves_params_and_optimizer_unchanged():
+  """Every row cut at 0: no signal, so Adam's momentum from earlier steps must not move the
+  params either; reported as `empty`, not as a non-finite skip."""
+  res, s_params, opt_state, step = _setup("sampled_pg", lr=1e-2)
+  s_params, opt_state, m = step(s_params, opt_state)  # momentum is now non-zero
+  assert not bool(m["empty"])
+  before = jax.tree.map(np.asarray, (s_params, opt_state))
+  empty = res.replace(loss_mask_BxT=jnp.zeros_like(res.loss_mask_BxT),
+                      trained_len_B=jnp.zeros_like(res.trained_len_B))
+  p, start = rollout.pad_prompts(PROMPTS, PAD)
+  student = _model(0, VOCAB, 32, 2)
+  teacher = _model(1, 40, 48, 3, family="qwen2")
+  s_graph, _ = nnx.split(student)
+  t_graph, t_params = nnx.split(teacher)
+  tx = opd.make_optimizer(opd.OptimConfig(learning_rate=1e-2, clip_norm=0.0))
+  new_params, new_opt, m = opd.update(s_graph, s_params, t_graph, t_params, opt_state,
+                                      jnp.asarray(p), jnp.asarray(start), empty, tx=tx,
+                                      cfg=opd.LossConfig(vocab_size=VOCAB))
+  assert bool(m["empty"]) and not bool(m["skipped"]) and int(m["trained_tokens"]) == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, (new_params, new_opt)),
+               before)
+
+
+def test_accumulation_is_token_weighted():
+  """Two accumulated steps -- one row's tokens, then the other seven rows' -- apply the gradient
+  of the whole batch (sum over tokens / all tokens), not the mean of the two per-step means."""
+  res, s_params, _, _ = _setup("reverse_kl", kat_mode="none")
+  p, start = rollout.pad_prompts(PROMPTS, PAD)
+  student = _model(0, VOCAB, 32, 2)
+  teacher = _model(1, 40, 48, 3, family="qwen2")
+  s_graph, _ = nnx.split(student)
+  t_graph, t_params = nnx.split(teacher)
+  cfg = opd.LossConfig(objective="reverse_kl", vocab_size=VOCAB)
+  one = np.arange(len(PROMPTS)) == 0
+  parts = [res.replace(loss_mask_BxT=res.loss_mask_BxT & jnp.asarray(rows)[:, None])
+           for rows in (one, ~one)]
+  counts = [int(np.asarray(r.loss_mask_BxT).sum()) for r in parts]
+  assert counts[0] * 3 < counts[1]  # very different token counts
+  args = (jnp.asarray(p), jnp.asarray(start))
+
+  def run(tx, results):
+    params, state = jax.tree.map(lambda x: x.copy(), s_params), tx.init(s_params)
+    for r in results:
+      params, state, _ = opd.update(s_graph, params, t_graph, t_params, state, *args, r, tx=tx,
+                                    cfg=cfg)
+    return jax.device_get(params)
+
+  sgd = optax.sgd(1.0)
+  whole = run(sgd, [res])
+  accumulated = run(opd.token_weighted_accumulation(sgd, 2), parts)
+  first_only = run(opd.token_weighted_accumulation(sgd, 2), parts[:1])
+  for a, b, c in zip(jax.tree.leaves(accumulated), jax.tree.leaves(whole),
+                     jax.tree.leaves(jax.device_get(s_params))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Between applications the params do not move.
+  for a, c in zip(jax.tree.leaves(first_only), jax.tree.leaves(jax.device_get(s_params))):
+    np.testing.assert_array_equal(a, c)
+
+
+def test_schedules_count_training_steps_under_accumulation():
+  """cosine over total_steps=8 training steps with accumulation 2: the 4 applied updates use the
+  rates of training steps 0, 2, 4, 6 (b1 = b2 = 0 makes each Adam step lr * sign(g))."""
+  cfg = opd.OptimConfig(learning_rate=1.0, schedule="cosine", total_steps=8, clip_norm=0.0,
+                        accumulation_steps=2, b1=0.0, b2=0.0)
+  tx = opd.make_optimizer(cfg)
+  params = {"w": jnp.zeros(())}
+  state = tx.init(params)
+  moves = []
+  for _ in range(8):
+    updates, state = tx.update({"w": jnp.ones(())}, state, params, num_tokens=5)
+    moves.append(-float(updates["w"]))
+  want = [0.5 * (1 + np.cos(np.pi * s / 8)) for s in (0, 2, 4, 6)]
+  np.testing.assert_allclose(moves[1::2], want, rtol=1e-5)
+  assert moves[0::2] == [0.0] * 4

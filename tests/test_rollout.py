@@ -180,6 +180,54 @@ def test_in_loop_termination_equals_offline_rule_on_real_rollouts(models, spike_
   np.testing.assert_array_equal(res.loss_mask_BxT.sum(1), res.trained_len_B)
 
 
+def test_probe_rows_keep_generating_but_share_the_cut(models):
+  """Probe rows (threshold.py): KAT records their cut exactly as for any row -- the loss drops
+  the same tail -- but never stops their generation, so they are the uncut rollouts and their
+  windows are an uncensored sample. Other rows are unaffected by the probes."""
+  kat_kw = {"window": 4, "patience": 2, "min_len": 4}
+  uncut = _run(models, _cfg(kat={**kat_kw, "mode": "none"}, max_new_tokens=32), key=7)
+  tau = float(np.quantile(uncut.window_mean_BxN[uncut.window_complete_BxN], 0.6))
+  ref = kat.detect_offline(uncut.kl_BxT, uncut.length_B, uncut.eos_B, tau, np.inf,
+                           kat.KATConfig(**kat_kw))
+  plain = _run(models, _cfg(kat=kat_kw, max_new_tokens=32), key=7, tau=tau)
+  probe = ref["terminated"] & (np.arange(len(PROMPTS)) % 2 == 0)  # some flagged rows are probes
+  probe[np.flatnonzero(~ref["terminated"])[:1]] = True  # and one row KAT leaves alone
+  assert probe.any() and (ref["terminated"] & ~probe).any()
+  s, t = models
+  p, start = _prompts()
+  res = jax.device_get(rollout.rollout(s, t, p, start, jax.random.key(7),
+                                       _cfg(kat=kat_kw, max_new_tokens=32), tau=tau,
+                                       probe_B=probe))
+  np.testing.assert_array_equal(res.probe_B, probe)
+  for name, want in (("terminated_B", "terminated"), ("detect_B", "detect"), ("onset_B", "onset"),
+                     ("trained_len_B", "trained_len")):
+    np.testing.assert_array_equal(getattr(res, name), ref[want], err_msg=name)
+  np.testing.assert_array_equal(res.loss_mask_BxT.sum(1), ref["trained_len"])
+  # Probes are the uncut rollouts; the other rows are the probe-free KAT rollout's.
+  for name in ("tokens_BxT", "length_B", "window_complete_BxN"):
+    want = np.where(probe.reshape((-1,) + (1,) * (getattr(res, name).ndim - 1)),
+                    getattr(uncut, name), getattr(plain, name))
+    np.testing.assert_array_equal(getattr(res, name), want, err_msg=name)
+  np.testing.assert_allclose(res.window_mean_BxN[probe], uncut.window_mean_BxN[probe], atol=1e-6)
+  win = res.windows(4)
+  np.testing.assert_array_equal(win.detect_window_B, np.where(ref["terminated"],
+                                                              ref["detect"] // 4, -1))
+
+
+def test_onset_floor_cut_keeps_the_first_min_len_tokens(models):
+  """kat.cut='onset_floor': a row low from its first token is detected at min_len; the onset
+  cut would train it on nothing, the floored cut on its first min_len tokens."""
+  student = models[0]
+  w, k, min_len = 4, 2, 10
+  res = _run((student, student), _cfg(kat={"window": w, "patience": k, "min_len": min_len,
+                                           "cut": "onset_floor"}), tau=1e-3)
+  first = max(-(-min_len // w), k) * w
+  assert res.terminated_B.any()
+  np.testing.assert_array_equal(res.onset_B, np.where(res.terminated_B, 0, -1))
+  np.testing.assert_array_equal(
+      res.trained_len_B, np.where(res.terminated_B, min(min_len, first), res.length_B))
+
+
 def test_compaction_does_not_change_results(models):
   cfg = _cfg(kat={"min_len": 4}, max_new_tokens=32, compact_multiple=1)  # 8, 7, ..., 1 rows
   a = _run(models, cfg, key=5, tau=1.2)

@@ -156,6 +156,23 @@ BAD = [
      r"config\.data\.chat_template=True: the student .* has no chat template"),
     (dict(data__extract="first"), r"config\.data\.extract='first': use 'boxed' or 'last_number'"),
     (dict(loss__microbatches=-2), r"config\.loss\.microbatches=-2: must be >= 0 \(0 = auto\)"),
+    # sampled_pg must score the distribution that sampled (on-policy ratio 1).
+    (dict(sampling__top_k=5), r"config\.sampling\.top_k=5: sampled_pg scores the untruncated "
+                              r"softmax.*set sampling\.top_k=0"),
+    (dict(sampling__top_p=0.8), r"config\.sampling\.top_p=0\.8: sampled_pg scores the"),
+    (dict(sampling__temperature=0.0), r"config\.sampling\.temperature=0\.0: greedy decoding"),
+    (dict(sampling__temperature=0.7, loss__temperature=1.0),
+     r"config\.loss\.temperature=1\.0: differs from sampling\.temperature=0\.7.*loss\."
+     r"temperature=0"),
+    (dict(loss__objective="reverse_kl", sampling__top_k=99),
+     r"config\.sampling\.top_k=99: exceeds the 19-token vocabulary"),
+    (dict(eval__top_k=20), r"config\.eval\.top_k=20: exceeds the 19-token vocabulary"),
+    (dict(loss__ratio_clip=-1.0), r"config\.loss\.ratio_clip=-1\.0 must be >= 0"),
+    (dict(loss__temperature=-1.0), r"config\.loss\.temperature=-1\.0 must be >= 0"),
+    (dict(threshold__estimator="mean"), r"config\.threshold\.estimator='mean'; use one of"),
+    (dict(threshold__probe_fraction=0.0), r"config\.threshold\.probe_fraction=0 leaves"),
+    (dict(kat__cut="middle"), r"config\.kat\.cut='middle'; use one of"),
+    (dict(data__heldout_size=-1), r"config\.data\.heldout_size=-1: must be >= 0"),
 ]
 
 
@@ -210,17 +227,46 @@ def test_eval_and_export_modes_use_the_latest_checkpoint(models, tmp_path):
 
 
 def test_default_eval_is_the_training_datas_held_out_prompts(models, tmp_path):
-  """eval.benchmarks="" evaluates data.eval_path of a JSONL source, formatted like training."""
-  from kat_jax.data import arith
-  rows = [arith.make_problem(3, i, split="eval") for i in range(5)]
-  path = tmp_path / "heldout.jsonl"
+  """eval.benchmarks="" evaluates held-out prompts formatted like training: data.eval_path of a
+  JSONL source, else records of data.path that the training stream never yields."""
+  from kat_jax.data import arith, sources
+  rows = [arith.make_problem(3, i, split="eval") for i in range(20)]
+  path = tmp_path / "data.jsonl"
   path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, _, a in rows))
   cfg = tiny_config(*models)
-  cfg.data.source, cfg.data.path, cfg.eval_size = "jsonl", str(path), 3
-  run = train.setup(cfg, tmp_path / "run")
-  (bench,) = run.benchmarks
-  assert bench.name == "heldout" and bench.prompts == [p for p, _, _ in rows[:3]]
-  assert bench.golds == [a for _, _, a in rows[:3]]
+  cfg.data.source, cfg.data.path, cfg.eval_size, cfg.data.heldout_size = "jsonl", str(path), 3, 5
+  (bench,) = train.setup(cfg, tmp_path / "run").benchmarks
+  trained = {p for p, _ in sources.from_config(cfg.data, "train").batch(0, 200)}
+  assert bench.name == "heldout" and len(bench.prompts) == 3
+  assert len(trained) == 15 and not trained & set(bench.prompts)  # never trained on
+  by_prompt = {p: a for p, _, a in rows}
+  assert bench.golds == [by_prompt[p] for p in bench.prompts]
+  # The same records are held out whatever the data seed.
+  cfg.data.seed = 7
+  assert train.setup(cfg, tmp_path / "run").benchmarks[0].prompts == bench.prompts
+  # A separate eval file: evaluated as is, in file order; the whole data.path trains.
+  held = tmp_path / "heldout.jsonl"
+  held.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, _, a in rows[:4]))
+  cfg.data.eval_path = str(held)
+  (bench,) = train.setup(cfg, tmp_path / "run").benchmarks
+  assert bench.prompts == [p for p, _, _ in rows[:3]]
+  assert len({p for p, _ in sources.from_config(cfg.data, "train").batch(0, 200)}) == 20
+  # Nothing held out and no eval file: evaluation would grade training prompts -- refused.
+  cfg.data.eval_path, cfg.data.heldout_size = "", 0
+  with pytest.raises(ConfigError, match=r"config\.data\.heldout_size=0: with no data\.eval_path"):
+    config_lib.validate(cfg)
   cfg.data.source = "arith"
   (bench,) = train.setup(cfg, tmp_path / "run").benchmarks
   assert bench.name == "arith" and len(bench.prompts) == 3
+
+
+def test_resume_with_another_batch_is_refused_before_loading(models, tmp_path):
+  """The data position saved with a checkpoint must be where the new config continues."""
+  cfg = tiny_config(*models, steps=1)
+  cfg.eval_size, cfg.export, cfg.checkpoint_every = 0, False, 1
+  train.train(cfg, tmp_path)
+  cfg.steps, cfg.prompts_per_step = 2, 8
+  with pytest.raises(ConfigError, match=r"config\.prompts_per_step=8: the checkpoint at step 1 .* "
+                     r"consumed 4 prompts .* Resume with prompts_per_step=4"):
+    train.train(cfg, tmp_path)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]

@@ -177,7 +177,8 @@ def load(spec: tuple[str, str | None], *, limit: int = 0, model_dir: str | Path 
 
 def heldout(data_cfg, limit: int, model_dir=None) -> Benchmark:
   """The training data's held-out prompts, formatted exactly as in training: the arithmetic
-  task's eval split, the JSONL at data.eval_path (else data.path), or reasoning-gym's held-out
+  task's eval split, the JSONL at data.eval_path (else data.path's held-out records, which
+  training never sees: sources.heldout_split), or reasoning-gym's held-out
   seed (instruction and chat template as in training)."""
   from kat_jax.data import sources
   source = sources.from_config(data_cfg, "eval", model_dir)

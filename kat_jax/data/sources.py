@@ -3,7 +3,8 @@
 That makes the data position in a checkpoint a single integer and resuming exact. Sources:
   * `ArithSource`: the embedded arithmetic task (kat_jax.data.arith);
   * `JsonlSource`: a local JSONL file, one `{"prompt": str, "answer": str}` object per line,
-    visited in a fresh seeded permutation each epoch;
+    visited in a fresh seeded permutation each epoch. Without a separate `data.eval_path`, the
+    file's held-out part (`heldout_split`) is never trained on and is what evaluation reads;
   * `kat_jax.data.gym.GymSource`: reasoning-gym generators (data.source='reasoning_gym').
 """
 
@@ -32,9 +33,16 @@ class ArithSource:
 
 class JsonlSource:
 
-  def __init__(self, path: str | Path, seed: int = 0):
+  def __init__(self, path: str | Path, seed: int = 0, part: str = "all", heldout_size: int = 0):
+    """part: "all" records, or the "train" / "heldout" part of `heldout_split`."""
     self.path = Path(path)
     self.records = read_jsonl(self.path)
+    if part != "all":
+      train, heldout = heldout_split(len(self.records), heldout_size)
+      if not len(heldout):
+        raise ValueError(f"{self.path} has {len(self.records)} record(s): too few to hold any "
+                         "out for evaluation; give data.eval_path or eval.benchmarks.")
+      self.records = [self.records[i] for i in (train if part == "train" else heldout)]
     self.seed = seed
 
   def example(self, i: int) -> tuple[str, str]:
@@ -48,9 +56,22 @@ class JsonlSource:
     return [self.example(i) for i in range(start, start + n)]
 
 
+# Fixed, so every data.seed (and every run on the same file) holds out the same records.
+_HELDOUT_SEED = 0x68656C64
+
+
+def heldout_split(n: int, heldout_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(training, held-out) record indices in file order: min(heldout_size, n // 2) records held
+  out, chosen pseudo-randomly (a file sorted by difficulty still gets a representative part)."""
+  k = min(heldout_size, n // 2)
+  perm = np.random.default_rng(_HELDOUT_SEED).permutation(n)
+  return np.sort(perm[k:]), np.sort(perm[:k])
+
+
 def from_config(data_cfg, split: str, model_dir=None):
   """The training (split="train") or held-out ("eval") source of a config's `data` group: the
-  arithmetic task's split (held-out problems use seed + 1), data.path / data.eval_path, or the
+  arithmetic task's split (held-out problems use seed + 1), data.path and data.eval_path (without
+  an eval_path, data.path minus / only its `data.heldout_size` held-out records), or the
   reasoning-gym tasks (formatted with `model_dir`'s chat template when data.chat_template)."""
   if data_cfg.source == "reasoning_gym":
     from kat_jax.data import chat, gym
@@ -64,8 +85,17 @@ def from_config(data_cfg, split: str, model_dir=None):
                          special=special, size=data_cfg.size)
   if data_cfg.source == "arith":
     return ArithSource(seed=data_cfg.seed + (split == "eval"), n_ops=data_cfg.n_ops, split=split)
-  path = data_cfg.path if split == "train" else (data_cfg.eval_path or data_cfg.path)
-  return JsonlSource(path, seed=data_cfg.seed)
+  if data_cfg.eval_path:
+    return JsonlSource(data_cfg.path if split == "train" else data_cfg.eval_path,
+                       seed=data_cfg.seed)
+  if not data_cfg.heldout_size:  # nothing held out: the whole file trains, nothing evaluates
+    if split == "train":
+      return JsonlSource(data_cfg.path, seed=data_cfg.seed)
+    raise ValueError("data.heldout_size=0 and no data.eval_path: no prompts are held out; set "
+                     "data.eval_path, data.heldout_size > 0, or eval.benchmarks.")
+  return JsonlSource(data_cfg.path, seed=data_cfg.seed,
+                     part="train" if split == "train" else "heldout",
+                     heldout_size=data_cfg.heldout_size)
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
