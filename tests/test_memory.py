@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -30,8 +31,11 @@ def _compiled(s_cfg, t_cfg, batch, prompt, new, window, objective, mesh=None, mi
                               kat=kat.KATConfig(mode="none", window=window), compact_multiple=-1)
   sg, sp = nnx.split(s)
   tg, tp = nnx.split(t)
-  state = rollout._prefill(sg, sp, tg, tp, p, start, jax.random.key(0), 0.0, float("inf"),
-                           cfg=cfg)
+  probe = jnp.zeros((batch,), bool)
+  if mesh is not None:
+    probe = sharding.put_batch(np.zeros((batch,), bool), mesh)
+  state = rollout._prefill(sg, sp, tg, tp, p, start, probe, jax.random.key(0), 0.0,
+                           float("inf"), cfg=cfg)
   loop = rollout._decode_loop.lower(sg, sp, tg, tp, state, jnp.int32(0),
                                     cfg=cfg).compile().memory_analysis()
   res = rollout.rollout(s, t, p, start, jax.random.key(0), cfg)
