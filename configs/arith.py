@@ -3,9 +3,10 @@
 Run:      python -m kat_jax.main --config configs/arith.py --workdir /tmp/kat
 Variants: configs/arith.py:vanilla (KAT off), :plain (the paper's rule without the spike gate),
           :fixed (truncate every rollout at 24 tokens)
-Expected: ~2 min on 2 CPU cores (126 s here); ends with a table of held-out avg@4 / pass@4
-          before and after (0.402 -> 0.513 / 0.676 -> 0.758 here), mean rollout length, trap rate
-          and tokens saved. The 7-variant x 3-seed comparison: configs/arith_compare.py.
+Expected: ~2-3.5 min on 2 CPU cores (107 s on one host, 201 s on a slower one); ends with a
+          table of held-out avg@4 / pass@4 before and after (0.402 -> 0.502 / 0.676 -> 0.754),
+          mean rollout length (35.4), trap rate (0.012) and tokens saved. The 7-variant x 3-seed
+          comparison: configs/arith_compare.py.
 
 Teacher (1.24M params, >= 97% greedy) and student (0.33M, ~45% at temperature 1) ship in
 kat_jax/assets; configs/arith_sft.py made them. KAT settings for this task (its completions are

@@ -37,7 +37,8 @@ def defaults() -> ml_collections.ConfigDict:
   # extract: how the held-out prompts' answers are read ('boxed' | 'last_number'; benchmarks
   # named in eval.benchmarks always read the last \boxed{}).
   # heldout_size: a jsonl source without eval_path holds this many records of data.path out of
-  # training (a fixed pseudo-random choice, at most half the file) for the held-out evaluation.
+  # training (a fixed pseudo-random choice, at most half the file) for the held-out evaluation;
+  # not when eval.benchmarks names the evaluation (then the whole file trains).
   c.data = ml_collections.ConfigDict(dict(
       source="arith", path="", eval_path="", seed=0, n_ops=3, tasks="", instruction="",
       chat_template=False, size=10_000, extract="boxed", heldout_size=256))
@@ -57,7 +58,8 @@ def defaults() -> ml_collections.ConfigDict:
   # chunk: the LM head + loss over this many positions at a time (0 = all; saves [B, T, V] memory).
   # trim: the update runs on the rollout cut to its longest trained row (a few lengths, each
   # compiled once; same loss and gradient); False = always the full buffer.
-  # temperature: 0 = the sampling temperature (sampled_pg must train the policy it sampled from).
+  # temperature: 0 = auto: sampled_pg follows the sampling temperature (it must train the policy
+  # it sampled from); the full-vocabulary objectives use 1.
   # ratio_clip: sampled_pg's truncated importance sampling, min(ratio, C) (0 = off).
   c.loss = ml_collections.ConfigDict(dict(objective="sampled_pg", beta=0.5, temperature=0.0,
                                           ratio_clip=0.0, microbatches=0, chunk=0, trim=True))
@@ -180,6 +182,17 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     _fail("data.path", config.data.path, "no such file; give a JSONL file of "
           '{"prompt": ..., "answer": ...} lines.')
   evaluates = config.mode == "eval" or (config.mode == "train" and config.eval_size > 0)
+  if (config.data.source == "jsonl" and not config.data.eval_path and config.data.heldout_size
+      and evaluates and not config.eval.benchmarks):
+    from kat_jax.data import sources
+    try:
+      n = len(sources.read_jsonl(Path(config.data.path)))
+    except ValueError as e:
+      _fail("data.path", config.data.path, str(e))
+    if n < 2:
+      _fail("data.heldout_size", config.data.heldout_size,
+            f"data.path holds {n} record: too few to hold any out for evaluation; give "
+            "data.eval_path, eval.benchmarks, or eval_size=0.")
   if (config.data.source == "jsonl" and evaluates and not config.eval.benchmarks
       and not config.data.eval_path and config.data.heldout_size == 0):
     _fail("data.heldout_size", 0, "with no data.eval_path nothing is held out, and evaluation "
@@ -197,7 +210,12 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     eval_config(config)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
-  _check_objective(config)
+  if config.mode == "train":
+    _check_objective(config)
+  if (config.kat.mode == "kat" and config.threshold.mode != "fixed"
+      and config.threshold.estimator == "probe" and config.threshold.probe_fraction == 0):
+    _fail("threshold.probe_fraction", 0.0, "leaves the 'probe' estimator without probe rows; set "
+          "threshold.probe_fraction > 0 (e.g. 0.125) or threshold.estimator='censored'.")
   if config.data.heldout_size < 0:
     _fail("data.heldout_size", config.data.heldout_size, "must be >= 0.")
   chunk = config.loss.chunk
@@ -254,9 +272,12 @@ def _check_objective(config) -> None:
 
 
 def loss_config(config, vocab_size: int):
-  """The update's LossConfig; loss.temperature 0 follows the sampling temperature (1 if greedy)."""
+  """The update's LossConfig. loss.temperature 0: sampled_pg follows the sampling temperature (it
+  must score the policy that sampled); the full-vocabulary objectives use 1, the KL between the
+  models' own distributions (GKD's temperature stays an explicit knob)."""
   from kat_jax import opd
-  temperature = config.loss.temperature or config.sampling.temperature or 1.0
+  follow = config.loss.objective == "sampled_pg" and config.sampling.temperature > 0
+  temperature = config.loss.temperature or (config.sampling.temperature if follow else 1.0)
   return opd.LossConfig(vocab_size=vocab_size,
                         **{**config.loss.to_dict(), "temperature": temperature})
 

@@ -78,7 +78,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
 
 class AccumulationState(NamedTuple):
   inner: optax.OptState
-  grad_sum: optax.Params  # sum over the steps so far of (per-token-mean gradient x tokens)
+  grad_sum: optax.Params  # float32 sum over the steps so far of (per-token-mean grad x tokens)
   tokens: jax.Array  # float32: trained tokens so far
   mini_step: jax.Array  # int32: steps accumulated so far (< k)
 
@@ -90,16 +90,19 @@ def token_weighted_accumulation(inner: optax.GradientTransformation, every_k: in
   inner = optax.with_extra_args_support(inner)
 
   def init(params):
-    return AccumulationState(inner.init(params), jax.tree.map(jnp.zeros_like, params),
-                             jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    # fp32 sums whatever the param dtype (bf16 on accelerators): small steps are not lost.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    return AccumulationState(inner.init(params), zeros, jnp.zeros((), jnp.float32),
+                             jnp.zeros((), jnp.int32))
 
   def update(grads, state, params=None, *, num_tokens, **extra):
     n = jnp.asarray(num_tokens, jnp.float32)
-    grad_sum = jax.tree.map(lambda s, g: s + g * n, state.grad_sum, grads)
+    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32) * n, state.grad_sum, grads)
     tokens = state.tokens + n
 
     def apply():
-      mean = jax.tree.map(lambda x: x / jnp.maximum(tokens, 1.0), grad_sum)
+      mean = jax.tree.map(lambda x, g: (x / jnp.maximum(tokens, 1.0)).astype(g.dtype), grad_sum,
+                          grads)
       updates, new_inner = inner.update(mean, state.inner, params, **extra)
       return updates, AccumulationState(new_inner, jax.tree.map(jnp.zeros_like, grad_sum),
                                         jnp.zeros_like(tokens), jnp.zeros_like(state.mini_step))
@@ -118,7 +121,8 @@ class LossConfig:
   objective: str = "sampled_pg"
   beta: float = 0.5  # jsd only (TRL convention: 0 = forward KL, 1 = reverse KL)
   # The student's distribution in the loss is softmax(logits / temperature); the config's 0
-  # resolves to the sampling temperature (config.loss_config), so sampled_pg is on-policy.
+  # resolves to the sampling temperature for sampled_pg (on-policy), 1 otherwise
+  # (config.loss_config).
   temperature: float = 1.0
   # sampled_pg: truncated importance sampling -- weight each token by min(ratio, ratio_clip),
   # a constant -- against small sampling / training mismatches (bf16); 0 = off (exact on-policy).

@@ -36,7 +36,7 @@ from flax import nnx
 from kat_jax import kat as kat_lib
 from kat_jax import threshold as threshold_lib
 from kat_jax.models import KVCache, Transformer
-from kat_jax.sharding import replicate, to_host
+from kat_jax.sharding import put_batch, replicate, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,13 +363,15 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
     raise ValueError(f"batch size {b} is not a multiple of batch_multiple={batch_multiple}.")
   # Scalars (key, thresholds) go where the params are: replicated over their mesh, if any.
   where = getattr(student.embed[...], "sharding", None)
-  if isinstance(where, jax.sharding.NamedSharding):
-    key, tau, spike_tau = (replicate(x, where.mesh) for x in (
-        key, np.float32(to_host(tau)), np.float32(to_host(spike_tau))))
   if probe_B is None:
     probe_B = np.zeros((b,), bool)
   if np.shape(probe_B) != (b,):
     raise ValueError(f"probe_B must be [B] = [{b}]; got {np.shape(probe_B)}.")
+  if isinstance(where, jax.sharding.NamedSharding):
+    key, tau, spike_tau = (replicate(x, where.mesh) for x in (
+        key, np.float32(to_host(tau)), np.float32(to_host(spike_tau))))
+    if not isinstance(probe_B, jax.Array):  # a host mask: each process places its own rows
+      probe_B = put_batch(np.asarray(probe_B, bool), where.mesh)
   probe_B = jnp.asarray(probe_B, jnp.bool_)
   state = _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP,
                    jnp.asarray(start_B, jnp.int32), probe_B, key, tau, spike_tau, cfg=cfg)

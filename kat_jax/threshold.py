@@ -19,7 +19,8 @@ generation, so what a stopped row hides is seen on the probes KAT flagged. Estim
     produced after their detection, weighted up by (stopped rows) / (flagged probes): flagged
     probes are a random sample of the flagged rows, so they stand in for the stopped rows' hidden
     tails, length included. Unbiased by design; costs the probes' tails. A step with stopped rows
-    but no flagged probe falls back to `censored`.
+    but no flagged probe falls back to `censored` (reported as `tau_imputed`): likely when traps
+    are rare -- but then the imputed windows, a stopped row's tail each, are few too.
   * `censored`: every complete window, plus each stopped row's unseen windows (to the buffer
     end) at the value of its last window -- a low one. Free; exact when a trapped row would have
     stayed low to the end (a loop), biased *downward* when it would have ended sooner -- a bias
@@ -71,10 +72,6 @@ class ThresholdConfig:
       raise ValueError(f"threshold.warmup_steps={self.warmup_steps} must be >= 0.")
     if not 0 <= self.probe_fraction <= 1:
       raise ValueError(f"threshold.probe_fraction={self.probe_fraction} must be in [0, 1].")
-    if self.estimator == "probe" and self.probe_fraction == 0 and self.mode != "fixed":
-      raise ValueError("threshold.probe_fraction=0 leaves the 'probe' estimator without a "
-                       "sample; set threshold.probe_fraction > 0 (e.g. 0.125) or "
-                       "threshold.estimator='censored'.")
 
 
 @flax.struct.dataclass
@@ -149,22 +146,25 @@ def observe(state: ThresholdState, windows: Windows, cfg: ThresholdConfig, accep
   accept: False for a step whose update was skipped (its statistics are not trusted either).
   metrics: `tau_probe` -- this step's statistic from the probes' windows alone (NaN without
   probes); `tau_rejected` -- 1 if the step had a sample but left the state unchanged, because a
-  sampled window or the statistic was not finite, or `accept` was False.
+  sampled window or the statistic was not finite, or `accept` was False; `tau_imputed` -- 1 if
+  the step imputed stopped rows' hidden windows (`censored`, or `probe` without a flagged probe).
   """
   mean = windows.mean_BxN.astype(jnp.float32)
   complete = windows.complete_BxN.astype(jnp.float32)
   probe = windows.probe_B
   probe_stat = _statistic(mean, complete * probe[:, None], cfg)
   if cfg.mode == "fixed":
-    return state, dict(tau_probe=probe_stat, tau_rejected=jnp.zeros((), jnp.int32))
-  stopped = windows.terminated_B & ~probe
+    zero = jnp.zeros((), jnp.int32)
+    return state, dict(tau_probe=probe_stat, tau_rejected=zero, tau_imputed=zero)
+  # A row cut only in the loss (random truncation: no detection point) hid no window.
+  stopped = windows.terminated_B & ~probe & (windows.detect_window_B >= 0)
   unseen, imputed = _censored(mean, stopped, windows.detect_window_B)
   if cfg.estimator == "observed":
-    weights, values = complete, mean
+    weights, values, imputing = complete, mean, jnp.zeros((), jnp.bool_)
   elif cfg.estimator == "censored":
-    weights, values = complete + unseen, imputed
+    weights, values, imputing = complete + unseen, imputed, jnp.any(stopped)
   else:
-    flagged = windows.terminated_B & probe
+    flagged = windows.terminated_B & probe & (windows.detect_window_B >= 0)
     after_BxN = flagged[:, None] & (jnp.arange(mean.shape[1])[None, :]
                                     >= windows.detect_window_B[:, None])
     n_flagged = jnp.sum(flagged)
@@ -174,6 +174,7 @@ def observe(state: ThresholdState, windows: Windows, cfg: ThresholdConfig, accep
     use_probes = (n_flagged > 0) | ~jnp.any(stopped)
     weights = jnp.where(use_probes, probe_w, complete + unseen)
     values = jnp.where(use_probes, mean, imputed)
+    imputing = ~use_probes
   sample = weights > 0
   has = jnp.any(sample)
   stat = _statistic(values, weights, cfg)
@@ -183,7 +184,8 @@ def observe(state: ThresholdState, windows: Windows, cfg: ThresholdConfig, accep
                   stat)
   new = ThresholdState(ema=jnp.where(take, ema, state.ema),
                        num_updates=state.num_updates + take.astype(jnp.int32))
-  return new, dict(tau_probe=probe_stat, tau_rejected=(has & ~take).astype(jnp.int32))
+  return new, dict(tau_probe=probe_stat, tau_rejected=(has & ~take).astype(jnp.int32),
+                   tau_imputed=imputing.astype(jnp.int32))
 
 
 def tau(state: ThresholdState, step, cfg: ThresholdConfig):

@@ -106,7 +106,9 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   return Run(
       config=config, workdir=Path(workdir), student=student, teacher=teacher, s_cfg=s_cfg,
       vocab_size=vocab_size, eos_ids=eos_ids, pad_id=pad_id,
-      tokenizer=tokenizer, source=sources.from_config(config.data, "train", config.student),
+      tokenizer=tokenizer,
+      source=sources.from_config(config.data, "train", config.student,
+                                 holdout=not config.eval.benchmarks),
       benchmarks=benches,
       eval_cfg=eval_config(config), mesh=mesh,
       tx=opd.make_optimizer(opd.OptimConfig(**config.optim)),
@@ -297,7 +299,9 @@ def train(config, workdir) -> dict:
     m = {k: float(v) for k, v in sharding.to_host({**m, **th_m}).items()}
     skips = skips + 1 if m["skipped"] else 0
     gen = int(res.length_B.sum())
-    saved = int(np.sum(np.where(res.terminated_B, config.max_new_tokens - res.length_B, 0)))
+    # Probe rows were generated to their end: KAT saved nothing there.
+    stopped = res.terminated_B & ~res.probe_B
+    saved = int(np.sum(np.where(stopped, config.max_new_tokens - res.length_B, 0)))
     step_time = time.perf_counter() - t0
     gen_mask = np.arange(res.kl_BxT.shape[1])[None, :] < res.length_B[:, None]
     # Ground truth for KAT on real models: rollouts with an n-gram repetition loop.
@@ -310,6 +314,7 @@ def train(config, workdir) -> dict:
                trained_len=float(res.trained_len_B.mean()),
                tokens_saved_frac=saved / max(gen + saved, 1), tau=float(sharding.to_host(tau)),
                tau_probe=m["tau_probe"], tau_rejected=m["tau_rejected"],
+               tau_imputed=m["tau_imputed"],
                tokens_per_s=gen / step_time, step_time=step_time)
     totals["generated"] += gen
     totals["trained"] += int(res.trained_len_B.sum())

@@ -280,3 +280,10 @@ def test_schedules_count_training_steps_under_accumulation():
   want = [0.5 * (1 + np.cos(np.pi * s / 8)) for s in (0, 2, 4, 6)]
   np.testing.assert_allclose(moves[1::2], want, rtol=1e-5)
   assert moves[0::2] == [0.0] * 4
+  # bf16 params (the accelerator default): sums stay fp32, updates come back in bf16.
+  bf16 = {"w": jnp.zeros((3,), jnp.bfloat16)}
+  state = tx.init(bf16)
+  for _ in range(2):
+    updates, state = tx.update({"w": jnp.full((3,), 1e-3, jnp.bfloat16)}, state, bf16,
+                               num_tokens=7)
+  assert updates["w"].dtype == jnp.bfloat16 and float(updates["w"][0]) < 0

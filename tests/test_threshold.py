@@ -168,5 +168,5 @@ def test_probe_mask_is_a_pure_function_of_seed_and_step():
 def test_bad_threshold_config_is_named():
   with pytest.raises(ValueError, match="threshold.mode='median'"):
     threshold.ThresholdConfig(mode="median")
-  with pytest.raises(ValueError, match="threshold.probe_fraction=0"):
-    threshold.ThresholdConfig(probe_fraction=0.0)
+  with pytest.raises(ValueError, match="threshold.estimator='mean'"):
+    threshold.ThresholdConfig(estimator="mean")

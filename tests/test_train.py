@@ -16,7 +16,8 @@ from train_fixtures import make_models, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "opd_step.json"
-STEP_KEYS = ("loss", "grad_norm", "kl", "kl_sampled", "trap_rate", "gen_len", "trained_len", "tau")
+STEP_KEYS = ("loss", "grad_norm", "kl", "kl_sampled", "trap_rate", "gen_len", "trained_len", "tau",
+             "tau_probe", "tau_rejected", "tau_imputed", "empty", "skipped")
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,12 @@ def test_two_steps_match_golden_metrics(models, tmp_path):
   cfg = tiny_config(*models, steps=2)
   cfg.eval_size = 0
   cfg.export = False
+  cfg.log_rollouts = True
   train.train(cfg, tmp_path)
   got = {str(k): {m: v[m] for m in STEP_KEYS} for k, v in _metrics(tmp_path).items()}
+  # One probe row per step (probe_fraction 1/8 of 8 rollouts), drawn afresh each step.
+  logged = [json.loads(l) for l in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+  assert [sum(r["probe"]) for r in logged] == [1, 1]
   if os.environ.get("KAT_UPDATE_GOLDEN"):
     GOLDEN.write_text(json.dumps(got, indent=2) + "\n")
   want = json.loads(GOLDEN.read_text())
@@ -99,6 +104,9 @@ def test_non_finite_updates_stop_without_touching_the_good_checkpoint(models, tm
   with pytest.raises(train.TrainingStopped, match=r"2 consecutive non-finite.*last good checkpoint "
                      r"is step 2"):
     train.train(bad, tmp_path / "run")
+  # The skipped step was logged, and its rollout did not feed the threshold.
+  step3 = _metrics(tmp_path / "run")[3]
+  assert step3["skipped"] == 1 and step3["tau_rejected"] == 1
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
   assert {p: p.read_bytes() for p in sorted(ckpt.rglob("*")) if p.is_file()} == before
 
@@ -170,7 +178,7 @@ BAD = [
     (dict(loss__ratio_clip=-1.0), r"config\.loss\.ratio_clip=-1\.0 must be >= 0"),
     (dict(loss__temperature=-1.0), r"config\.loss\.temperature=-1\.0 must be >= 0"),
     (dict(threshold__estimator="mean"), r"config\.threshold\.estimator='mean'; use one of"),
-    (dict(threshold__probe_fraction=0.0), r"config\.threshold\.probe_fraction=0 leaves"),
+    (dict(threshold__probe_fraction=0.0), r"config\.threshold\.probe_fraction=0\.0: leaves"),
     (dict(kat__cut="middle"), r"config\.kat\.cut='middle'; use one of"),
     (dict(data__heldout_size=-1), r"config\.data\.heldout_size=-1: must be >= 0"),
 ]
@@ -255,9 +263,29 @@ def test_default_eval_is_the_training_datas_held_out_prompts(models, tmp_path):
   cfg.data.eval_path, cfg.data.heldout_size = "", 0
   with pytest.raises(ConfigError, match=r"config\.data\.heldout_size=0: with no data\.eval_path"):
     config_lib.validate(cfg)
-  cfg.data.source = "arith"
+  one = tmp_path / "one.jsonl"
+  one.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+  cfg.data.path, cfg.data.heldout_size = str(one), 5
+  with pytest.raises(ConfigError, match=r"config\.data\.heldout_size=5: data\.path holds 1 record"):
+    config_lib.validate(cfg)
+  # Named benchmarks evaluate: nothing is held out of the file.
+  cfg.data.path, cfg.eval.benchmarks = str(path), "arith"
+  run = train.setup(cfg, tmp_path / "run")
+  assert len({p for p, _ in run.source.batch(0, 200)}) == 20
+  cfg.data.source, cfg.eval.benchmarks = "arith", ""
   (bench,) = train.setup(cfg, tmp_path / "run").benchmarks
   assert bench.name == "arith" and len(bench.prompts) == 3
+
+
+def test_loss_temperature_follows_sampling_only_for_sampled_pg(models):
+  cfg = tiny_config(*models)
+  cfg.sampling.temperature = 0.7
+  assert config_lib.loss_config(cfg, 19).temperature == 0.7  # on-policy ratio 1
+  cfg.loss.objective = "reverse_kl"
+  assert config_lib.loss_config(cfg, 19).temperature == 1.0  # the models' own distributions
+  cfg.loss.temperature = 2.0
+  assert config_lib.loss_config(cfg, 19).temperature == 2.0
+  config_lib.validate(cfg)  # explicit GKD temperatures are fine for full-vocabulary objectives
 
 
 def test_resume_with_another_batch_is_refused_before_loading(models, tmp_path):

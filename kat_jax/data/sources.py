@@ -39,7 +39,7 @@ class JsonlSource:
     self.records = read_jsonl(self.path)
     if part != "all":
       train, heldout = heldout_split(len(self.records), heldout_size)
-      if not len(heldout):
+      if part == "heldout" and not len(heldout):  # config.validate reports it first
         raise ValueError(f"{self.path} has {len(self.records)} record(s): too few to hold any "
                          "out for evaluation; give data.eval_path or eval.benchmarks.")
       self.records = [self.records[i] for i in (train if part == "train" else heldout)]
@@ -68,11 +68,14 @@ def heldout_split(n: int, heldout_size: int) -> tuple[np.ndarray, np.ndarray]:
   return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def from_config(data_cfg, split: str, model_dir=None):
+def from_config(data_cfg, split: str, model_dir=None, holdout: bool = True):
   """The training (split="train") or held-out ("eval") source of a config's `data` group: the
   arithmetic task's split (held-out problems use seed + 1), data.path and data.eval_path (without
   an eval_path, data.path minus / only its `data.heldout_size` held-out records), or the
-  reasoning-gym tasks (formatted with `model_dir`'s chat template when data.chat_template)."""
+  reasoning-gym tasks (formatted with `model_dir`'s chat template when data.chat_template).
+
+  holdout=False: the run evaluates on named benchmarks (eval.benchmarks), so a JSONL data.path
+  trains whole."""
   if data_cfg.source == "reasoning_gym":
     from kat_jax.data import chat, gym
     template, special = (chat.load_template(model_dir)
@@ -88,7 +91,7 @@ def from_config(data_cfg, split: str, model_dir=None):
   if data_cfg.eval_path:
     return JsonlSource(data_cfg.path if split == "train" else data_cfg.eval_path,
                        seed=data_cfg.seed)
-  if not data_cfg.heldout_size:  # nothing held out: the whole file trains, nothing evaluates
+  if not data_cfg.heldout_size or not holdout:  # the whole file trains
     if split == "train":
       return JsonlSource(data_cfg.path, seed=data_cfg.seed)
     raise ValueError("data.heldout_size=0 and no data.eval_path: no prompts are held out; set "
