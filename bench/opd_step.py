@@ -13,7 +13,8 @@ sampled), sampling at temperature 1, fp32.
             the objectives `reverse_kl` (full-vocabulary reverse KL: the same loss as TRL with
             beta=1; needs a teacher forward in the update) and `sampled_pg` (the default; reuses
             the rollout's teacher log-probs); then `sampled_pg` with KAT on at a fixed tau that
-            stops rows part-way, to show the step shrinking with the tokens KAT saves;
+            stops rows part-way, to show the step shrinking with the tokens KAT saves, without
+            and with the adaptive threshold's probe rows (1/8 of the rows run uncut: their cost);
   TRL       `trl.experimental.gkd.GKDTrainer`, lmbda=1 (fully on-policy), beta=1 (reverse KL),
             fp32, gradient checkpointing off, timed per optimizer step by a callback.
 The first steps (compilation, warm-up) are excluded; the median of the rest is reported.
@@ -37,13 +38,14 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kat_jax import hf, kat, opd, rollout  # noqa: E402
+from kat_jax import hf, kat, opd, rollout, threshold  # noqa: E402
 from rollout import PAIRS, _model  # noqa: E402  (bench/rollout.py: the same size pair)
 
 B, P, N = 32, 32, 128
 
 
-def bench_kat_jax(student, teacher, prompt, objective, steps, kat_cfg=None, tau=0.0, warmup=2):
+def bench_kat_jax(student, teacher, prompt, objective, steps, kat_cfg=None, tau=0.0, warmup=2,
+                  probes=0):
   """Median seconds per step (rollout + trim + update) after `warmup` steps, the last loss, the
   last rollout."""
   vocab = student.cfg.vocab_size - 1  # EOS (the last id) is outside the sampled vocabulary
@@ -59,7 +61,9 @@ def bench_kat_jax(student, teacher, prompt, objective, steps, kat_cfg=None, tau=
   times = []
   for step in range(warmup + steps):
     t0 = time.perf_counter()
-    res = rollout.rollout(student, teacher, prompt, start, jax.random.key(step), cfg, tau=tau)
+    probe_B = threshold.probe_mask(B, probes, 0, step)  # as training draws them
+    res = rollout.rollout(student, teacher, prompt, start, jax.random.key(step), cfg, tau=tau,
+                          probe_B=probe_B)
     s_params, opt_state, m = opd.update(s_graph, nnx.state(student), t_graph, t_params, opt_state,
                                         prompt, start, opd.trim(res, kat_cfg.window), tx=tx,
                                         cfg=loss_cfg)
@@ -147,18 +151,20 @@ def main():
     # (patience 2, no stop before 64 tokens); the step should shrink with the tokens it saves.
     means = np.asarray(uncut.window_mean_BxN)[np.asarray(uncut.window_complete_BxN)]
     kat_cfg = kat.KATConfig(mode="kat", window=32, patience=2, min_len=64)
-    fresh, _ = hf.load(Path(tmp) / "s")
-    # More warm-up: each new number of live rows compiles a compacted decode loop (~3 s) once.
-    sec_kat, loss, res = bench_kat_jax(fresh, teacher, prompt, "sampled_pg", args.steps, kat_cfg,
-                                       tau=float(np.quantile(means, args.kat_quantile)),
-                                       warmup=args.kat_warmup)
-    generated = float(np.sum(res.length_B)) / (B * N)
-    trained = float(np.sum(res.trained_len_B)) / (B * N)
-    rows.append((f"kat_jax fused rollout + sampled_pg, KAT on ({generated:.0%} of the tokens "
-                 "generated)", sec_kat))
-    print(f"{rows[-1][0]}: {sec_kat:.3f} s/step (loss {loss:.4f}); trap rate "
-          f"{float(np.mean(res.terminated_B)):.2f}, tokens generated {generated:.1%} and trained "
-          f"{trained:.1%} of KAT off, step time {sec_kat / sec:.1%} of KAT off", flush=True)
+    for probes in (0, B // 8):
+      fresh, _ = hf.load(Path(tmp) / "s")
+      # More warm-up: each new number of live rows compiles a compacted decode loop (~3 s) once.
+      sec_kat, loss, res = bench_kat_jax(fresh, teacher, prompt, "sampled_pg", args.steps,
+                                         kat_cfg, tau=float(np.quantile(means, args.kat_quantile)),
+                                         warmup=args.kat_warmup, probes=probes)
+      generated = float(np.sum(res.length_B)) / (B * N)
+      trained = float(np.sum(res.trained_len_B)) / (B * N)
+      rows.append((f"kat_jax fused rollout + sampled_pg, KAT on, {probes} probe rows "
+                   f"({generated:.0%} of the tokens generated)", sec_kat))
+      print(f"{rows[-1][0]}: {sec_kat:.3f} s/step (loss {loss:.4f}); trap rate "
+            f"{float(np.mean(res.terminated_B)):.2f}, tokens generated {generated:.1%} and "
+            f"trained {trained:.1%} of KAT off, step time {sec_kat / sec:.1%} of KAT off",
+            flush=True)
     if not args.no_trl:
       sec = bench_trl(Path(tmp) / "s", Path(tmp) / "t", prompt, args.steps + 2)  # 2 warm-up
       rows.append(("TRL GKDTrainer (lambda=1, beta=1, fp32)", sec))

@@ -3,7 +3,7 @@
 Run:      python -m kat_jax.main --config configs/arith.py --workdir /tmp/kat
 Variants: configs/arith.py:vanilla (KAT off), :plain (the paper's rule without the spike gate),
           :fixed (truncate every rollout at 24 tokens)
-Expected: ~2-3.5 min on 2 CPU cores (107 s on one host, 201 s on a slower one); ends with a
+Expected: ~2-3.5 min on 2 CPU cores (107 s on one host, 197 s on a slower one); ends with a
           table of held-out avg@4 / pass@4 before and after (0.402 -> 0.502 / 0.676 -> 0.754),
           mean rollout length (35.4), trap rate (0.012) and tokens saved. The 7-variant x 3-seed
           comparison: configs/arith_compare.py.

@@ -6,7 +6,8 @@
 Every item is bytes per device on a (data, fsdp, tensor) mesh:
   params        student + teacher, each tensor divided by the mesh axes its logical names map to
                 (kat_jax.sharding rules; exact, from the abstract model);
-  optimizer     AdamW's two moments (shaped and sharded like the student's params);
+  optimizer     AdamW's two moments (shaped and sharded like the student's params), plus an fp32
+                gradient sum with optim.accumulation_steps > 1;
   gradients     one student-sized tree, alive during the update;
   kv caches     both models, [B/(data*fsdp), kv_heads/tensor, prompt + max_new_tokens, head_dim];
   rollout       per-token buffers, carried logits and one window's full-vocabulary distributions;
@@ -103,7 +104,7 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
          max_new_tokens: int, window: int, vocab: int, param_bytes_s: int = 4,
          param_bytes_t: int = 4, compute_bytes: int = 4, objective: str = "sampled_pg",
          remat: bool = False, microbatches: int = 1, loss_chunk: int = 0, attn_chunk: int = 0,
-         device_memory: float | None = None) -> Plan:
+         accumulation_steps: int = 1, device_memory: float | None = None) -> Plan:
   data, fsdp, tensor = mesh_shape
   b = batch / (data * fsdp)  # rows per device
   t = -(-max_new_tokens // window) * window
@@ -112,6 +113,8 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
   items["student params"] = param_bytes(student, mesh_shape, param_bytes_s)
   items["teacher params"] = param_bytes(teacher, mesh_shape, param_bytes_t)
   items["optimizer (AdamW)"] = 2 * items["student params"]
+  if accumulation_steps > 1:  # opd.token_weighted_accumulation: an fp32 gradient sum
+    items["optimizer (AdamW)"] += items["student params"] * 4 / param_bytes_s
   items["gradients"] = items["student params"]
   for name, c in (("student", student), ("teacher", teacher)):
     items[f"{name} kv cache"] = (c.num_layers * 2 * b * _split(c.num_kv_heads, tensor) * s_len
@@ -208,7 +211,8 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
               param_bytes_s=nbytes, param_bytes_t=nbytes, compute_bytes=nbytes,
               objective=config.loss.objective, remat=config.remat,
               microbatches=microbatches, loss_chunk=config.loss.chunk,
-              attn_chunk=config.attn_chunk, device_memory=device_memory)
+              attn_chunk=config.attn_chunk,
+              accumulation_steps=config.optim.accumulation_steps, device_memory=device_memory)
 
 
 def plans(config, n_devices: int, device_memory: float | None, accelerator: bool):

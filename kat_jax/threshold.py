@@ -10,7 +10,7 @@ checkpoint with the rest of the training state.
 Censoring. Once KAT stops a row, the windows it would have produced -- the persistent low-signal
 tail that triggered the stop -- never exist. A percentile of the windows that *were* produced is
 therefore biased upward, and the bias feeds itself: a higher tau cuts more rows, which hides more
-low windows (simulated in tests/test_threshold.py: tau settles ~1.3x above the uncut percentile
+low windows (simulated in tests/test_threshold.py: tau settles ~1.3x above the uncut percentile,
 and loop-free rows start being cut). Each step a random `probe_fraction` of the rollouts are
 *probes*: KAT decides where their loss is cut exactly as for any row, but never stops their
 generation, so what a stopped row hides is seen on the probes KAT flagged. Estimators

@@ -432,7 +432,7 @@ def _print_table(summary, start_step):
           (f"held-out pass@{k} after", summary["pass_after"]),
           ("mean rollout length (tokens)", summary["mean_rollout_length"]),
           ("mean trained length (tokens)", summary["mean_trained_length"]),
-          ("trap rate (rows stopped by KAT)", summary["trap_rate"]),
+          ("trap rate (rows cut by KAT)", summary["trap_rate"]),
           ("rollouts with a repetition loop", summary["loop_rate"]),
           ("held-out loop rate before", summary["loop_before"]),
           ("held-out loop rate after", summary["loop_after"]),

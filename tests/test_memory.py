@@ -84,6 +84,22 @@ def test_param_bytes_follow_the_sharding_rules():
   assert memory.param_bytes(cfg, (1, 1, 4), 4) > full / 4
 
 
+def test_planned_optimizer_state_is_the_real_one_with_accumulation():
+  """AdamW's moments, plus with accumulation the fp32 gradient sum -- also for a bf16 student."""
+  from kat_jax import opd
+  cfg = _cfg(128, 2, 1024, 512)
+  params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  for dtype, nbytes in ((jnp.float32, 4), (jnp.bfloat16, 2)):
+    typed = jax.tree.map(lambda x: x.astype(dtype), params)
+    for k in (1, 3):
+      tx = opd.make_optimizer(opd.OptimConfig(accumulation_steps=k))
+      state = jax.eval_shape(tx.init, typed)
+      real = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+      p = memory.plan(cfg, cfg, (1, 1, 1), batch=8, prompt_len=8, max_new_tokens=8, window=8,
+                      vocab=1024, param_bytes_s=nbytes, accumulation_steps=k)
+      assert abs(p.items["optimizer (AdamW)"] / real - 1) < 0.001, (dtype, k)
+
+
 def test_a_run_that_cannot_fit_is_refused_with_a_mesh_that_does(tmp_path):
   from kat_jax.config import defaults
   c = defaults()
