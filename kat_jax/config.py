@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from kat_jax import evaluate, kat, rollout, sharding, threshold
+from kat_jax import evaluate, kat, opd, rollout, sharding, threshold
 from kat_jax.data import benchmarks
 from kat_jax.models.config import ConfigError
 
@@ -182,8 +182,12 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     _fail("data.path", config.data.path, "no such file; give a JSONL file of "
           '{"prompt": ..., "answer": ...} lines.')
   evaluates = config.mode == "eval" or (config.mode == "train" and config.eval_size > 0)
-  if (config.data.source == "jsonl" and not config.data.eval_path and config.data.heldout_size
-      and evaluates and not config.eval.benchmarks):
+  if (config.data.source == "jsonl" and evaluates and not config.eval.benchmarks
+      and not config.data.eval_path):  # the held-out prompts come from data.path itself
+    if config.data.heldout_size == 0:
+      _fail("data.heldout_size", 0, "with no data.eval_path nothing is held out, and evaluation "
+            "would grade training prompts; set data.eval_path, data.heldout_size > 0, "
+            "eval.benchmarks, or eval_size=0.")
     from kat_jax.data import sources
     try:
       n = len(sources.read_jsonl(Path(config.data.path)))
@@ -193,15 +197,9 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
       _fail("data.heldout_size", config.data.heldout_size,
             f"data.path holds {n} record: too few to hold any out for evaluation; give "
             "data.eval_path, eval.benchmarks, or eval_size=0.")
-  if (config.data.source == "jsonl" and evaluates and not config.eval.benchmarks
-      and not config.data.eval_path and config.data.heldout_size == 0):
-    _fail("data.heldout_size", 0, "with no data.eval_path nothing is held out, and evaluation "
-          "would grade training prompts; set data.eval_path, data.heldout_size > 0, "
-          "eval.benchmarks, or eval_size=0.")
   try:  # the dataclasses' own range checks, reported with the config field
     positions = rollout_config(config, (0,), 0, 2**31 - 1).buffer_len
     threshold_config(config)
-    from kat_jax import opd
     opd.OptimConfig(**config.optim)
     if config.loss.temperature < 0:
       raise ValueError(f"loss.temperature={config.loss.temperature} must be >= 0 (0 = the "
@@ -241,11 +239,12 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
                if config.mode != "eval" else None)
     except ValueError as e:
       raise ConfigError(f"config.student / config.teacher: {e}") from None
-    for field, top_k in (("sampling.top_k", config.sampling.top_k),
-                         ("eval.top_k", config.eval.top_k)):
-      if vocab is not None and top_k > vocab:
-        _fail(field, top_k, f"exceeds the {vocab}-token vocabulary; use 0 (off) or a value "
-              f"<= {vocab}.")
+    try:
+      if vocab is not None:
+        rollout.check_top_k(rollout.SamplingConfig(**config.sampling), vocab, "sampling")
+        rollout.check_top_k(rollout.SamplingConfig(top_k=config.eval.top_k), vocab, "eval")
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
   if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
     raise ConfigError(f"--workdir={workdir!r} exists and is not a directory; choose another path.")
 
@@ -275,7 +274,6 @@ def loss_config(config, vocab_size: int):
   """The update's LossConfig. loss.temperature 0: sampled_pg follows the sampling temperature (it
   must score the policy that sampled); the full-vocabulary objectives use 1, the KL between the
   models' own distributions (GKD's temperature stays an explicit knob)."""
-  from kat_jax import opd
   follow = config.loss.objective == "sampled_pg" and config.sampling.temperature > 0
   temperature = config.loss.temperature or (config.sampling.temperature if follow else 1.0)
   return opd.LossConfig(vocab_size=vocab_size,

@@ -144,7 +144,7 @@ class RolloutResult:
 
 def check_top_k(cfg: SamplingConfig, vocab_size: int, field: str) -> None:
   if cfg.top_k > vocab_size:
-    raise ValueError(f"{field}.top_k={cfg.top_k} exceeds the {vocab_size}-token vocabulary; use "
+    raise ValueError(f"{field}.top_k={cfg.top_k}: exceeds the {vocab_size}-token vocabulary; use "
                      f"0 (off) or a value <= {vocab_size}.")
 
 

@@ -149,10 +149,13 @@ def _state_tree(run: Run, opt_state, th_state):
 
 
 def _manager(run: Run, create: bool = True):
-  return ocp.CheckpointManager(
-      (run.workdir / "checkpoints").resolve(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=run.config.keep_checkpoints,
-                                           create=create))
+  return _checkpoints(run.workdir, run.config.keep_checkpoints, create)
+
+
+def _checkpoints(workdir, keep: int, create: bool = True) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager((Path(workdir) / "checkpoints").resolve(),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                                                    create=create))
 
 
 def check_resume(config, workdir) -> int | None:
@@ -161,8 +164,7 @@ def check_resume(config, workdir) -> int | None:
   ckpts = Path(workdir) / "checkpoints"
   if not ckpts.is_dir():
     return None
-  manager = ocp.CheckpointManager(ckpts.resolve(),
-                                  options=ocp.CheckpointManagerOptions(create=False))
+  manager = _checkpoints(workdir, config.keep_checkpoints, create=False)
   step = manager.latest_step()
   if step is None:
     return None
