@@ -68,7 +68,10 @@ def defaults() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, clip_norm=1.0, accumulation_steps=1))
   # Device mesh (kat_jax.sharding): batch over data x fsdp, params FSDP over embed and tensor-
   # parallel over heads / MLP / vocab. -1 = the devices left. The same code from 1 CPU to a pod.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # rollout_tensor: the rollout's layout (kat_jax.sharding.ROLLOUT_RULES): tensor parallelism over
+  # groups of this many devices, the batch over the groups; 0 = the largest that divides every
+  # model's heads, KV heads and MLP width; -1 = roll out in the training layout.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rollout_tensor=0))
   c.distributed = False  # jax.distributed.initialize() first (multi-host TPU pods / GPU clusters)
   c.remat = False  # recompute each block in the backward pass (less activation memory)
   c.attn_chunk = 0  # training-forward attention over query chunks of this size (0 = all at once)

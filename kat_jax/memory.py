@@ -2,6 +2,8 @@
 
     python -m kat_jax.memory --config configs/qwen3_opd.py --devices 16 --mesh 1,16,1 \
         --device-memory-gb 16                      # e.g. a TPU v5e-16 slice
+    python -m kat_jax.memory --config configs/qwen3_opd.py --topology v5e:4x4
+                                                   # the TPU compiler's figures (kat_jax.aot)
 
 Every item is bytes per device on a (data, fsdp, tensor) mesh:
   params        student + teacher, each tensor divided by the mesh axes its logical names map to
@@ -9,7 +11,10 @@ Every item is bytes per device on a (data, fsdp, tensor) mesh:
   optimizer     AdamW's two moments (shaped and sharded like the student's params), plus an fp32
                 gradient sum with optim.accumulation_steps > 1;
   gradients     one student-sized tree, alive during the update;
-  kv caches     both models, [B/(data*fsdp), kv_heads/tensor, prompt + max_new_tokens, head_dim];
+  kv caches     both models, [B/(data*groups), kv_heads/tensor, prompt + max_new_tokens, head_dim]
+                in the rollout's layout (kat_jax.sharding.ROLLOUT_RULES: tensor-parallel groups,
+                the batch over the groups), where the teacher lives and the student is copied
+                for each rollout;
   rollout       per-token buffers, carried logits and one window's full-vocabulary distributions;
   activations   what the update's backward keeps: per layer a few copies of the attention scores
                 (B*H*S^2), of the MLP hidden (B*S*I) and of the residual stream (B*S*E), plus ~3
@@ -27,7 +32,7 @@ import types
 import numpy as np
 
 from kat_jax.models import ModelConfig
-from kat_jax.sharding import DEFAULT_RULES, logical_to_spec
+from kat_jax.sharding import DEFAULT_RULES, ROLLOUT_RULES, logical_to_spec, rollout_tensor
 
 # Copies kept by the update's backward, fitted on XLA's memory analysis (see module docstring).
 # [B, H, S, S] per layer, fp32 whatever the compute dtype (the softmax's exp), plus one cast copy
@@ -100,27 +105,46 @@ def _split(n: int, ways: int) -> float:
   return n / ways if ways > 1 and n % ways == 0 else n
 
 
+def rollout_shape(mesh_shape, tensor: int) -> tuple[int, int, int]:
+  """The rollout mesh of `sharding.rollout_mesh`: (data, groups, tensor); `mesh_shape` itself
+  for tensor 0 (the rollout in the training layout)."""
+  if not tensor:
+    return tuple(mesh_shape)
+  data = mesh_shape[0]
+  return (data, int(np.prod(mesh_shape)) // (data * tensor), tensor)
+
+
 def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, prompt_len: int,
          max_new_tokens: int, window: int, vocab: int, param_bytes_s: int = 4,
          param_bytes_t: int = 4, compute_bytes: int = 4, objective: str = "sampled_pg",
          remat: bool = False, microbatches: int = 1, loss_chunk: int = 0, attn_chunk: int = 0,
-         accumulation_steps: int = 1, device_memory: float | None = None) -> Plan:
+         accumulation_steps: int = 1, rollout_tensor_parallel: int = 0,
+         device_memory: float | None = None) -> Plan:
+  """rollout_tensor_parallel: the rollout's tensor-parallel degree (resolved, as
+  sharding.resolve_rollout_tensor gives it); 0 = the rollout in the training layout."""
   data, fsdp, tensor = mesh_shape
-  b = batch / (data * fsdp)  # rows per device
+  b = batch / (data * fsdp)  # rows per device in the update
+  tp = rollout_tensor_parallel if rollout_tensor_parallel > 1 else 0
+  r_shape = rollout_shape(mesh_shape, tp)
+  r_rules = ROLLOUT_RULES if tp else DEFAULT_RULES
+  b_r = batch / (r_shape[0] * r_shape[1])  # rows per device in the rollout
   t = -(-max_new_tokens // window) * window
   s_len = prompt_len + t
   items = {}
   items["student params"] = param_bytes(student, mesh_shape, param_bytes_s)
-  items["teacher params"] = param_bytes(teacher, mesh_shape, param_bytes_t)
+  if tp:  # a copy in the rollout's layout, alive during the rollout only
+    items["student params (rollout copy)"] = param_bytes(student, r_shape, param_bytes_s, r_rules)
+  items["teacher params"] = param_bytes(teacher, r_shape, param_bytes_t, r_rules)
   items["optimizer (AdamW)"] = 2 * items["student params"]
   if accumulation_steps > 1:  # opd.token_weighted_accumulation: an fp32 gradient sum
     items["optimizer (AdamW)"] += items["student params"] * 4 / param_bytes_s
   items["gradients"] = items["student params"]
   for name, c in (("student", student), ("teacher", teacher)):
-    items[f"{name} kv cache"] = (c.num_layers * 2 * b * _split(c.num_kv_heads, tensor) * s_len
-                                 * c.head_dim * compute_bytes)
+    items[f"{name} kv cache"] = (c.num_layers * 2 * b_r * _split(c.num_kv_heads, r_shape[2])
+                                 * s_len * c.head_dim * compute_bytes)
+  v_r = _split(vocab, r_shape[2])
+  items["rollout buffers"] = b_r * (6 * t * 4 + 2 * v_r * 4 + 6 * window * v_r * 4)
   v = _split(vocab, tensor)
-  items["rollout buffers"] = b * (6 * t * 4 + 2 * v * 4 + 6 * window * v * 4)
   c = student
   h, i, e = _split(c.num_heads, tensor), _split(c.intermediate_size, tensor), c.hidden_size
   score_bytes = SCORE_COPIES * 4 + (compute_bytes if compute_bytes < 4 else 0)
@@ -144,7 +168,8 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
   items["activations (update)"] = (layers + logits) / microbatches
   batch_in = b * (prompt_len + 8 * t) * 4  # prompts and the rollout's per-token outputs
   resident = items["student params"] + items["teacher params"] + items["optimizer (AdamW)"]
-  rollout_phase = items["student kv cache"] + items["teacher kv cache"] + items["rollout buffers"]
+  rollout_phase = (items["student kv cache"] + items["teacher kv cache"] + items["rollout buffers"]
+                   + items.get("student params (rollout copy)", 0.0))
   update_phase = items["gradients"] + items["activations (update)"] + batch_in
   peak = resident + max(rollout_phase, update_phase)
   return Plan(tuple(mesh_shape), items, resident + rollout_phase, resident + update_phase, peak,
@@ -205,6 +230,9 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
   # bucketed shapes, which can hold more tokens than a chunk of the full length would -- so the
   # plan counts the whole batch at once, an upper bound for any chunking.
   microbatches = config.loss.microbatches or 1
+  n = int(np.prod(mesh_shape))
+  tp = config.mesh.get("rollout_tensor", 0)
+  tp = 0 if tp == -1 else (tp or rollout_tensor(n, mesh_shape[0], (s, t)))
   return plan(s, t, mesh_shape, batch=config.prompts_per_step * config.samples_per_prompt,
               prompt_len=config.max_prompt_len, max_new_tokens=config.max_new_tokens,
               window=config.kat.window, vocab=min(s.vocab_size, t.vocab_size),
@@ -212,7 +240,8 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
               objective=config.loss.objective, remat=config.remat,
               microbatches=microbatches, loss_chunk=config.loss.chunk,
               attn_chunk=config.attn_chunk,
-              accumulation_steps=config.optim.accumulation_steps, device_memory=device_memory)
+              accumulation_steps=config.optim.accumulation_steps, rollout_tensor_parallel=tp,
+              device_memory=device_memory)
 
 
 def plans(config, n_devices: int, device_memory: float | None, accelerator: bool):
@@ -249,11 +278,21 @@ def main(argv=None) -> None:
   import argparse
   parser = argparse.ArgumentParser(description="Per-device memory plan of a training config.")
   parser.add_argument("--config", required=True, help="config file[:arg]")
-  parser.add_argument("--devices", type=int, required=True)
+  parser.add_argument("--devices", type=int, default=0)
   parser.add_argument("--mesh", default="", help="data,fsdp,tensor (default: best that fits)")
-  parser.add_argument("--device-memory-gb", type=float, required=True)
+  parser.add_argument("--device-memory-gb", type=float, default=0.0)
   parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--topology", default="",
+                      help="a TPU topology (e.g. v5e:4x4): the TPU compiler's own per-device "
+                           "memory of every program (kat_jax.aot, needs libtpu) instead of the plan")
   args = parser.parse_args(argv)
+  if args.topology:
+    from kat_jax import aot
+    aot.main(["--config", args.config, "--topology", args.topology]
+             + (["--mesh", args.mesh] if args.mesh else []))
+    return
+  if not args.devices or not args.device_memory_gb:
+    parser.error("--devices and --device-memory-gb are required without --topology")
   from kat_jax.sweep import load_module
   path, _, arg = args.config.partition(":")
   config = load_module(path).get_config(arg or None)

@@ -76,6 +76,38 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
   return token_weighted_accumulation(tx, k) if k > 1 else tx
 
 
+def optimizer_shardings(tx: optax.GradientTransformation, params):
+  """Where each leaf of `tx.init(params)` belongs: a leaf shaped like a param (Adam moments,
+  accumulated gradients) beside that param; the rest (counts) replicated over its mesh.
+  None when the params are not on a mesh. Works on concrete or abstract (ShapeDtypeStruct)
+  params."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  meshes = {x.sharding.mesh for _, x in flat
+            if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)}
+  if not meshes:
+    return None
+  (mesh,) = meshes
+  by_path = {jax.tree_util.keystr(p): x for p, x in flat}
+  one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def place(path, leaf):
+    key = jax.tree_util.keystr(path)
+    for p, x in by_path.items():
+      if key.endswith(p) and tuple(x.shape) == tuple(leaf.shape):
+        return x.sharding
+    return one
+
+  return jax.tree_util.tree_map_with_path(place, jax.eval_shape(tx.init, params))
+
+
+def init_optimizer(tx: optax.GradientTransformation, params):
+  """`tx.init(params)` with its state where `optimizer_shardings` says. A plain `tx.init` puts
+  zeros made from a shape (e.g. fp32 accumulators) on one device -- replicated over the mesh
+  later, a whole fp32 copy of the params per device -- and, jitted, replicates the moments."""
+  where = optimizer_shardings(tx, params)
+  return tx.init(params) if where is None else jax.jit(tx.init, out_shardings=where)(params)
+
+
 class AccumulationState(NamedTuple):
   inner: optax.OptState
   grad_sum: optax.Params  # float32 sum over the steps so far of (per-token-mean grad x tokens)

@@ -194,8 +194,9 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, length: int | None = None
 
 
 def _last_logits(model: Transformer, tokens_BxP, cache: KVCache, vocab: int):
-  # Prefill: only the last position's logits are needed, so the [B, P, V] projection is skipped.
-  h, cache = model.decode_hidden(tokens_BxP, cache)
+  # Prefill of a new cache: only the last position's logits are needed, so the [B, P, V]
+  # projection is skipped, and the prompt attends to its own P slots only.
+  h, cache = model.decode_hidden(tokens_BxP, cache, fresh=True)
   return model.logits(h[:, -1:])[:, 0, :vocab], cache
 
 
@@ -223,31 +224,33 @@ def _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP, start_B, probe_B,
       tau=jnp.asarray(tau, jnp.float32), spike_tau=jnp.asarray(spike_tau, jnp.float32))
 
 
+def _sample_step(student: Transformer, state: RolloutState, carry, i, cfg: RolloutConfig):
+  """Token `state.step + i` of every row: sample from the carried logits, one student decode
+  step. carry = (s_next_BxV, s_cache, length_B, eos_B, done_B)."""
+  s_next_BxV, cache, length_B, eos_B, done_B = carry
+  t = state.step + i
+  eos_ids = jnp.asarray(cfg.eos_ids, jnp.int32)
+  step_key = jax.random.fold_in(state.key, t)
+  keys_B = jax.vmap(jax.random.fold_in, (None, 0))(step_key, state.row_id_B)
+  tok_B, logp_b_B = sample(s_next_BxV, keys_B, cfg.sampling)
+  tok_B = jnp.where(done_B, cfg.pad_id, tok_B)
+  logits_Bx1xV, cache = student.decode(tok_B[:, None], cache)
+  hit_eos = ~done_B & jnp.any(tok_B[:, None] == eos_ids[None, :], axis=-1)
+  length_B = length_B + (~done_B).astype(jnp.int32)
+  done_B = done_B | hit_eos | (t + 1 >= cfg.max_new_tokens)
+  kept = None if cfg.rescore_student else s_next_BxV
+  return (logits_Bx1xV[:, 0, :cfg.vocab_size], cache, length_B, eos_B | hit_eos, done_B), (
+      tok_B, logp_b_B, kept)
+
+
 def _window(student: Transformer, teacher: Transformer, state: RolloutState,
             cfg: RolloutConfig) -> RolloutState:
   """One loop iteration: W student samples, one teacher chunk, per-token signals, KAT."""
   w, v = cfg.window, cfg.vocab_size
   start = state.step
-  eos_ids = jnp.asarray(cfg.eos_ids, jnp.int32)
-
-  def sample_step(carry, i):
-    s_next_BxV, cache, length_B, eos_B, done_B = carry
-    t = start + i
-    step_key = jax.random.fold_in(state.key, t)
-    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(step_key, state.row_id_B)
-    tok_B, logp_b_B = sample(s_next_BxV, keys_B, cfg.sampling)
-    tok_B = jnp.where(done_B, cfg.pad_id, tok_B)
-    logits_Bx1xV, cache = student.decode(tok_B[:, None], cache)
-    hit_eos = ~done_B & jnp.any(tok_B[:, None] == eos_ids[None, :], axis=-1)
-    length_B = length_B + (~done_B).astype(jnp.int32)
-    done_B = done_B | hit_eos | (t + 1 >= cfg.max_new_tokens)
-    kept = None if cfg.rescore_student else s_next_BxV
-    return (logits_Bx1xV[:, 0, :v], cache, length_B, eos_B | hit_eos, done_B), (
-        tok_B, logp_b_B, kept)
-
   carry = (state.s_next_BxV, state.s_cache, state.length_B, state.eos_B, state.done_B)
   (s_next, s_cache, length_B, eos_B, done_B), (tok_WxB, logp_b_WxB, s_dist_WxBxV) = jax.lax.scan(
-      sample_step, carry, jnp.arange(w, dtype=jnp.int32))
+      lambda c, i: _sample_step(student, state, c, i, cfg), carry, jnp.arange(w, dtype=jnp.int32))
   tokens_BxW = tok_WxB.T
 
   # Teacher: one chunk forward over the window. Its predictions for tokens 2..W come from this

@@ -46,6 +46,11 @@ class Run:
   benchmarks: list  # kat_jax.data.benchmarks.Benchmark, loaded at setup
   eval_cfg: object  # kat_jax.evaluate.EvalConfig
   mesh: object  # jax.sharding.Mesh (data, fsdp, tensor)
+  # The rollout's layout (kat_jax.sharding.ROLLOUT_RULES on the same devices), where the teacher
+  # lives and where the student is copied for each rollout; = mesh / DEFAULT_RULES when
+  # mesh.rollout_tensor is -1 (or nothing to split).
+  rollout_mesh: object
+  rollout_rules: object
   tx: object
   loss_cfg: opd.LossConfig
   rollout_cfg: rollout.RolloutConfig
@@ -75,13 +80,23 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   mesh = sharding.make_mesh(shape)
   if with_teacher:  # the shared vocabulary and EOS ids, checked before any weight loads
     compat = hf.check_compatible(config.student, config.teacher)
-  # Each tensor goes straight to its place on the mesh; the teacher holds params only (no
-  # optimizer state, nothing kept for a backward pass): its inference layout.
+  # The rollout's tensor-parallel layout, from the models' config.json (no weights read yet).
+  cfgs = [hf.read_config(config.student)] + ([hf.read_config(config.teacher)]
+                                             if with_teacher else [])
+  try:
+    tp = sharding.resolve_rollout_tensor(config.mesh.rollout_tensor, mesh, cfgs)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  r_mesh, r_rules = ((sharding.rollout_mesh(mesh, tp), sharding.ROLLOUT_RULES) if tp > 1
+                     else (mesh, sharding.DEFAULT_RULES))
+  # Each tensor goes straight to its place on the mesh. The teacher holds params only (no
+  # optimizer state, nothing kept for a backward pass) in the rollout's layout, which also
+  # serves its scoring in the update.
   student, s_cfg = hf.load(config.student, dtype=dtype, mesh=mesh)
   student.remat, student.attn_chunk = config.remat, config.attn_chunk
   tokenizer = _tokenizer(Path(config.student))
   if with_teacher:
-    teacher, _ = hf.load(config.teacher, dtype=dtype, mesh=mesh)
+    teacher, _ = hf.load(config.teacher, dtype=dtype, mesh=r_mesh, rules=r_rules)
     teacher.attn_chunk = config.attn_chunk
     vocab_size, eos_ids = compat.vocab_size, compat.eos_token_ids
   else:
@@ -110,7 +125,7 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
       source=sources.from_config(config.data, "train", config.student,
                                  holdout=not config.eval.benchmarks),
       benchmarks=benches,
-      eval_cfg=eval_config(config), mesh=mesh,
+      eval_cfg=eval_config(config), mesh=mesh, rollout_mesh=r_mesh, rollout_rules=r_rules,
       tx=opd.make_optimizer(opd.OptimConfig(**config.optim)),
       loss_cfg=loss_config(config, vocab_size),
       rollout_cfg=rollout_config(config, eos_ids, pad_id, vocab_size),
@@ -137,10 +152,18 @@ def _main_process() -> bool:
   return jax.process_index() == 0
 
 
+def rollout_student(run: Run):
+  """The student in the rollout's layout: a resharded copy (freed with its last reference), or
+  the student itself when the two layouts are one."""
+  if run.rollout_mesh is run.mesh:
+    return run.student
+  return sharding.relayout(run.student, run.rollout_mesh, run.rollout_rules)
+
+
 def evaluate(run: Run, key) -> dict:
   """The eval report (kat_jax.evaluate) of the current student on the run's benchmarks."""
-  return evaluate_lib.evaluate(run.student, run.tokenizer, run.benchmarks, run.eval_cfg, key,
-                               eos_ids=run.eos_ids, pad_id=run.pad_id,
+  return evaluate_lib.evaluate(rollout_student(run), run.tokenizer, run.benchmarks,
+                               run.eval_cfg, key, eos_ids=run.eos_ids, pad_id=run.pad_id,
                                vocab_size=run.vocab_size, seed=run.config.seed)
 
 
@@ -196,7 +219,7 @@ def _load_latest(config, workdir) -> tuple[Run, int | None]:
   step = manager.latest_step()
   if step is not None:
     _, s_params = nnx.split(run.student, nnx.Param)
-    _restore(run, manager, step, sharding.onto_mesh(run.tx.init(s_params), run.mesh),
+    _restore(run, manager, step, opd.init_optimizer(run.tx, s_params),
              sharding.onto_mesh(threshold.init(), run.mesh))
   return run, step
 
@@ -241,7 +264,7 @@ def train(config, workdir) -> dict:
   t_graph, t_params = nnx.split(run.teacher)
   # Optimizer moments follow the params' shardings; scalars (step counts, the KAT threshold)
   # are replicated over the mesh, and checkpoints restore them that way.
-  opt_state = sharding.onto_mesh(run.tx.init(s_params), run.mesh)
+  opt_state = opd.init_optimizer(run.tx, s_params)
   th_state = sharding.onto_mesh(threshold.init(), run.mesh)
   manager = _manager(run)
   start_step, meta = 0, {"consecutive_skips": 0}
@@ -271,7 +294,17 @@ def train(config, workdir) -> dict:
   skips = int(meta.get("consecutive_skips", 0))
   # Converted once: a KAT run's cut lengths can be tens of thousands of entries.
   random_lengths = jnp.asarray(config.kat.random_lengths, jnp.int32)
-  shards = sharding.batch_shards(run.mesh)  # compaction sizes and update row chunks follow it
+  shards = sharding.batch_shards(run.mesh)  # update row chunks follow it
+  r_shards = sharding.batch_shards(run.rollout_mesh, run.rollout_rules)  # and compaction sizes
+  # [B, ...] rows between the two layouts' batch shardings (cheap next to a rollout).
+  def rows_to(mesh, rules):
+    if run.rollout_mesh is run.mesh:
+      return lambda tree: tree
+    return lambda tree: sharding.reshard(
+        tree, jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim, rules), tree))
+
+  to_rollout = rows_to(run.rollout_mesh, run.rollout_rules)
+  to_train = rows_to(run.mesh, sharding.DEFAULT_RULES)
   for step in range(start_step, config.steps):
     t0 = time.perf_counter()
     step_key = jax.random.fold_in(key, step)
@@ -281,11 +314,12 @@ def train(config, workdir) -> dict:
     tau = threshold.tau(th_state, step, run.threshold_cfg)
     _, s_now = nnx.split(run.student, nnx.Param)
     probe_B = sharding.put_batch(threshold.probe_mask(per_step, probes, config.seed, step),
-                                 run.mesh)
-    result = rollout.rollout(run.student, run.teacher, prompt, start,
-                             jax.random.fold_in(step_key, 0), run.rollout_cfg, tau=tau,
-                             spike_tau=config.kat.spike_tau, probe_B=probe_B,
-                             batch_multiple=shards)
+                                 run.rollout_mesh, run.rollout_rules)
+    result = rollout.rollout(rollout_student(run), run.teacher, *to_rollout((prompt, start)),
+                             jax.random.fold_in(step_key, 0), run.rollout_cfg,
+                             tau=tau, spike_tau=config.kat.spike_tau, probe_B=probe_B,
+                             batch_multiple=r_shards)
+    result = to_train(result)
     if config.kat.mode == "random":
       result = rollout.apply_random_truncation(result, jax.random.fold_in(step_key, 1),
                                                random_lengths)

@@ -1,6 +1,7 @@
-"""Two processes on one machine (JAX's multi-host runtime over gloo, 4 CPU devices each): the
-training loop gives the same rollouts and losses as one process with 8 devices; process 0 alone
-writes logs and the export, both write the Orbax checkpoint."""
+"""Two processes on one machine (JAX's multi-host runtime over gloo, 4 CPU devices each, FSDP and
+the rollout's tensor-parallel layout across them): the training loop gives the same rollouts and
+losses as one process with 8 devices (all-data); process 0 alone writes logs and the export, both
+write the Orbax checkpoint."""
 
 import json
 import os
@@ -26,13 +27,14 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(spec, workdir, n_procs, devices_each):
+def _launch(spec, workdir, n_procs, devices_each, extra=()):
   port = _free_port()
   procs = []
   for i in range(n_procs):
     env = dict(os.environ, HF_HUB_OFFLINE="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
-    args = [sys.executable, "-m", "kat_jax.main", "--config", spec, "--workdir", str(workdir)]
+    args = [sys.executable, "-m", "kat_jax.main", "--config", spec, "--workdir", str(workdir),
+            *extra]
     if n_procs > 1:
       env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(n_procs),
                  JAX_PROCESS_ID=str(i))
@@ -53,7 +55,9 @@ def models(tmp_path_factory):
 def test_two_processes_train_like_one(models, tmp_path):
   spec = f"tests/tiny_config.py:{models[0]},{models[1]},2"
   _launch(spec, tmp_path / "one", 1, 8)
-  outs = _launch(spec, tmp_path / "two", 2, 4)
+  # FSDP over both processes: the student is resharded into the rollout's tensor-parallel groups
+  # (2 devices each, the batch over the 4 groups, across the processes) and back every step.
+  outs = _launch(spec, tmp_path / "two", 2, 4, ("--config.mesh.data=1", "--config.mesh.fsdp=-1"))
   assert "kat_jax OPD summary" in outs[0][0] and "kat_jax OPD summary" not in outs[1][0]
   one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
   two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]

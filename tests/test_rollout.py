@@ -287,17 +287,23 @@ def test_sampling_matches_top_k_top_p_distribution():
                              rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
-def test_sharded_rollout_equals_single_device(models, shape):
+@pytest.mark.parametrize("shape,tp", [((8, 1, 1), 0), ((2, 2, 2), 0), ((1, 4, 2), 0),
+                                      ((1, 8, 1), 2)])
+def test_sharded_rollout_equals_single_device(models, shape, tp):
+  """tp > 0: the rollout's own layout (sharding.ROLLOUT_RULES on groups of tp devices): heads,
+  MLP and vocabulary split, so sampling, log-softmax and KL reduce over a split vocabulary."""
   prompts = PROMPTS * 2  # 16 rows: compaction to 8 keeps a multiple of the batch shards
   cfg = _cfg(kat={"min_len": 4}, max_new_tokens=24)
   ref = _run(models, cfg, key=9, tau=1.2, prompts=prompts)
   mesh = sharding.make_mesh(shape)
-  s_m = _model(0, VOCAB, 32, 2)
-  t_m = _model(1, 40, 48, 3, family="qwen2")
-  sharding.shard_model(s_m, mesh)
-  sharding.shard_model(t_m, mesh)
+  rules = sharding.DEFAULT_RULES
+  if tp:
+    mesh, rules = sharding.rollout_mesh(mesh, tp), sharding.ROLLOUT_RULES
+  s_m = sharding.relayout(_model(0, VOCAB, 32, 2), mesh, rules)
+  t_m = sharding.relayout(_model(1, 40, 48, 3, family="qwen2"), mesh, rules)
   assert len(t_m.layers[0].mlp.up_proj[...].sharding.device_set) == 8
+  if tp:  # the LM head split over the vocabulary, the embedding dimension whole
+    assert tuple(t_m.lm_head[...].sharding.spec) == (None, "tensor")
   p, start = _prompts(prompts)
   p = jax.device_put(p, sharding.batch_sharding(mesh, 2))
   start = jax.device_put(start, sharding.batch_sharding(mesh, 1))

@@ -88,15 +88,48 @@ def test_train_step_on_a_mesh_equals_one_device(models, shape, microbatches):
 
 def test_training_loop_is_mesh_independent(models, tmp_path):
   out = {}
-  for shape in [(8, 1, 1), (1, 4, 2)]:
+  # (8, 1, 1): rollout in the training layout (nothing to split); (1, 8, 1): the student copied
+  # each step into the rollout's tensor-parallel layout (groups of 2), the teacher living there.
+  for shape in [(8, 1, 1), (1, 8, 1)]:
     cfg = tiny_config(*models, steps=2)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = shape
     cfg.eval_size = 0
     train.train(cfg, tmp_path / str(shape))
     out[shape] = [json.loads(line) for line in open(tmp_path / str(shape) / "metrics.jsonl")]
-  for a, b in zip(out[(8, 1, 1)], out[(1, 4, 2)]):
+  for a, b in zip(out[(8, 1, 1)], out[(1, 8, 1)]):
     assert a["gen_len"] == b["gen_len"] and a["trap_rate"] == b["trap_rate"]
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+
+
+def test_rollout_layout_choice_and_errors(models):
+  s_cfg, t_cfg = hf.read_config(models[0]), hf.read_config(models[1])  # 4 heads, 2 KV heads
+  mesh = sharding.make_mesh((1, 8, 1))
+  assert sharding.rollout_tensor(8, 1, [s_cfg, t_cfg]) == 2  # the KV heads bound it
+  assert sharding.resolve_rollout_tensor(0, mesh, [s_cfg, t_cfg]) == 2
+  assert sharding.resolve_rollout_tensor(-1, mesh, [s_cfg, t_cfg]) == 0
+  r = sharding.rollout_mesh(mesh, 2)
+  assert dict(r.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert list(r.devices.flat) == list(mesh.devices.flat)  # the same devices, regrouped
+  with pytest.raises(ValueError, match="rollout_tensor=4 does not divide num_kv_heads=2"):
+    sharding.resolve_rollout_tensor(4, mesh, [s_cfg, t_cfg])
+  with pytest.raises(ValueError, match="rollout_tensor=3 must divide the 8 devices"):
+    sharding.rollout_mesh(mesh, 3)
+
+
+def test_optimizer_state_lives_beside_the_params(models):
+  """Adam moments and the fp32 accumulated gradients are split like their params; a plain
+  `tx.init` made the accumulators on one device (then a full fp32 copy per device)."""
+  mesh = sharding.make_mesh((1, 8, 1))
+  student, _ = hf.load(models[0], mesh=mesh)
+  _, params = nnx.split(student, nnx.Param)
+  tx = opd.make_optimizer(opd.OptimConfig(accumulation_steps=2))
+  state = opd.init_optimizer(tx, params)
+  emb = params["embed"].get_value()
+  same = [x for x in jax.tree.leaves(state) if x.shape == emb.shape]
+  assert len(same) == 3  # mu, nu, grad_sum
+  for x in same:
+    assert x.sharding.is_equivalent_to(emb.sharding, x.ndim), x.sharding
+  assert {x.dtype for x in same} >= {np.dtype("float32")}
 
 
 def test_mesh_shape_resolution_and_errors():

@@ -151,8 +151,12 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, inv_freq, kv=None, end=None,
-               q_chunk: int = 0):
-    """Returns (out_BxTxE, (k, v)): the keys/values attended to, i.e. the updated cache."""
+               q_chunk: int = 0, fresh: bool = False):
+    """Returns (out_BxTxE, (k, v)): the updated cache (or the new keys / values without one).
+
+    fresh: the cache is empty and `end` is 0 (a prefill): the T new tokens attend to each other
+    only, [.., T, T] scores instead of [.., T, cache size].
+    """
     cfg, dt = self.cfg, self.dtype
     x = x_BxTxE.astype(dt)
     q_BxTxHxD = _dense(x, self.q_proj[...].astype(dt))
@@ -178,7 +182,10 @@ class Attention(nnx.Module):
       keys_BxKxSxD = jax.lax.dynamic_update_slice(cache_k, k_BxKxTxD.astype(cache_k.dtype), idx)
       values_BxKxSxD = jax.lax.dynamic_update_slice(cache_v, v_BxKxTxD.astype(cache_v.dtype), idx)
 
-    keys, values = keys_BxKxSxD.astype(dt), values_BxKxSxD.astype(dt)
+    if fresh:
+      keys, values = k_BxKxTxD, v_BxKxTxD
+    else:
+      keys, values = keys_BxKxSxD.astype(dt), values_BxKxSxD.astype(dt)
     t = x.shape[1]
     if kv is None and q_chunk and t > q_chunk:
       # Query chunks, one after another, each against all keys (jax.checkpoint: the backward
@@ -225,9 +232,9 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, inv_freq, kv=None, end=None,
-               q_chunk: int = 0):
+               q_chunk: int = 0, fresh: bool = False):
     h, kv = self.attn(self.attn_norm(x_BxTxE), positions_BxT, mask_BxTxS, inv_freq, kv, end,
-                      q_chunk)
+                      q_chunk, fresh)
     x_BxTxE = x_BxTxE + h
     return x_BxTxE + self.mlp(self.mlp_norm(x_BxTxE)), kv
 
@@ -326,22 +333,30 @@ class Transformer(nnx.Module):
     return KVCache(k=k, v=v, start_B=jnp.asarray(start_B, jnp.int32),
                    end=jnp.zeros((), jnp.int32))
 
-  def decode_hidden(self, tokens_BxT, cache: KVCache):
+  def decode_hidden(self, tokens_BxT, cache: KVCache, fresh: bool = False):
     """Runs T new tokens per row at slots [end, end + T); returns (hidden [B, T, E], cache).
 
     The caller guarantees end + T <= cache.size (dynamic_update_slice would clamp silently).
+    fresh: the caller guarantees the cache is empty (end == 0), as in a prefill: attention then
+    spans the T new slots, not the whole cache -- the prefill's scores and masks shrink by
+    cache size / T (9x for 512-token prompts and 4096 new tokens).
     """
     b, t = tokens_BxT.shape
     slots_T = cache.end + jnp.arange(t, dtype=jnp.int32)
     positions_BxT = jnp.maximum(slots_T[None, :] - cache.start_B[:, None], 0)
-    keys_S = jnp.arange(cache.size, dtype=jnp.int32)
+    keys_S = jnp.arange(t if fresh else cache.size, dtype=jnp.int32)
     mask_BxTxS = ((keys_S[None, None, :] >= cache.start_B[:, None, None])
                   & (keys_S[None, None, :] <= slots_T[None, :, None]))
     inv_freq = self._inv_freq()
-    x = self.embed_tokens(tokens_BxT)
+    # Activations pinned to the batch sharding at every layer: on the rollout's tensor-parallel
+    # layout (kat_jax.sharding.ROLLOUT_RULES) XLA then keeps the weights in place and moves only
+    # [B, T, E] per layer; left free, it may gather the whole batch's activations instead.
+    x = self._constrain(self.embed_tokens(tokens_BxT))
     new_k, new_v = [], []
     for layer, k, v in zip(self.layers, cache.k, cache.v):
-      x, (k, v) = layer(x, positions_BxT, mask_BxTxS, inv_freq, (k, v), cache.end)
+      x, (k, v) = layer(x, positions_BxT, mask_BxTxS, inv_freq, (k, v), cache.end,
+                        fresh=fresh)
+      x = self._constrain(x)
       new_k.append(k)
       new_v.append(v)
     cache = cache.replace(k=tuple(new_k), v=tuple(new_v), end=cache.end + t)
