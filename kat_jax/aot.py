@@ -1,34 +1,47 @@
 """Ahead-of-time compile check: a training step's programs compiled by XLA:TPU on this host.
 
-  python -m kat_jax.aot --config configs/qwen3_opd.py --topology v5e:4x4 [--mesh 1,16,1]
+  python -m kat_jax.aot --config configs/qwen3_opd.py --topology v5e:4x4 [--roofline]
+      [--mesh 1,16,1] [--rollout-tensor -1|0|t] [--set loss.chunk=512 ...]
 
 `libtpu` (`pip install libtpu==0.0.42.1`, what `jax[tpu]==0.10.2` pins) compiles for a named TPU
-topology without a TPU. From the models' config.json files only -- abstract params with the
-shardings the run would give them, no weights -- this compiles the fused rollout's prefill, its
-decode loop at the full batch, and the OPD update at the full (untrimmed) length, and prints per
-program the compile time and the TPU compiler's per-device memory (arguments, outputs,
-temporaries, aliased, generated code) beside the memory plan's phase figure (kat_jax/memory.py).
-A program that cannot fit reports the compiler's RESOURCE_EXHAUSTED line instead.
+topology without a TPU (v4 / v5p as megacore devices, as a TPU VM runs them). From the models'
+config.json files only -- abstract params with the shardings the run would give them, no weights
+-- this compiles the fused rollout's prefill, its decode loop at the full batch (both in the
+rollout's tensor-parallel layout, kat_jax.sharding.ROLLOUT_RULES, unless --rollout-tensor=-1)
+and the OPD update at the full (untrimmed) length, and prints per program the compile time and
+the TPU compiler's per-device memory (arguments, outputs, temporaries, aliased, generated code),
+the long-lived state the run keeps beside it (training params and optimizer state during the
+rollout, the teacher during an update that does not read it), the peak, and the memory plan's
+phase figure (kat_jax/memory.py). A program that cannot fit reports the compiler's
+RESOURCE_EXHAUSTED line instead. On a mesh whose batch is split, the decode loop's HLO is
+checked for the whole batch's logits or per-layer activation all-gathers (`loop_findings`).
 
-Not yet (issue 14): the decode loop at each compaction size, evaluation generation, FLOPs / HBM
-bytes with while-loop trip counts, the collectives of the loop body, the roofline, and using the
-compiler's numbers in `memory` / `train`.
+--roofline also compiles the loop-free pieces (kat_jax/roofline.py: XLA counts a loop body once)
+and prints FLOPs / HBM / ICI bytes and the time per window, rollout, update and step on v4, v5e,
+v5p and v6e.
+
+Not yet (issue 14): the decode loop at each compaction size, evaluation generation, and using
+the compiler's numbers in `train` (it plans with kat_jax/memory.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import os
+import re
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kat_jax import config as config_lib
 from kat_jax import memory, opd, rollout, sharding
+from kat_jax import roofline as roofline_lib
 from kat_jax.models import Transformer
 
 GiB = 2**30
@@ -46,19 +59,47 @@ class Compiled:
   alias: float = 0.0
   code: float = 0.0
   error: str = ""
+  # Long-lived state the run keeps in HBM while this program runs but does not pass to it (the
+  # training params and optimizer state during the rollout; the teacher during an update that
+  # does not read it): the compiler cannot see it, the device must hold it.
+  resident: float = 0.0
   collectives: dict = dataclasses.field(default_factory=dict)  # op -> count in the TPU HLO
+  hlo: str = ""  # the optimized TPU HLO text
+  findings: list = dataclasses.field(default_factory=list)  # layout problems (loop_findings)
 
   @property
   def total(self) -> float:
     """Bytes live at once: arguments + outputs + temporaries - what outputs alias + code."""
     return self.argument + self.output + self.temp - self.alias + self.code
 
+  @property
+  def peak(self) -> float:
+    """The device's peak while this program runs: `total` + the resident state."""
+    return self.total + self.resident
+
+
+def per_device_bytes(tree) -> float:
+  """Bytes per device of a tree of arrays / ShapeDtypeStructs with shardings (the largest
+  shard, as a device holds it)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return float(total)
+
 
 def topology_devices(name: str):
-  """The abstract devices of a TPU topology such as "v5e:2x2" (needs libtpu, not a TPU)."""
+  """The abstract devices of a TPU topology such as "v5e:2x2" (needs libtpu, not a TPU);
+  "cpu": this host's first CPU device (to check the roofline against measured steps)."""
+  if name == "cpu":
+    return jax.devices("cpu")[:1]
   from jax.experimental import topologies
+  # v4 and v5p chips have two TensorCores that JAX runs as one device ("megacore"), which is
+  # how a TPU VM presents them; libtpu's default description splits them (twice the devices,
+  # half the HBM each: v4:2x2x2 would be 16 devices of 15.25 GiB instead of 8 of 30.75).
+  kw = {"chip_config_name": "megacore"} if name.split(":")[0] in ("v4", "v5p") else {}
   try:
-    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    return topologies.get_topology_desc(topology_name=name, platform="tpu", **kw).devices
   except Exception as e:  # noqa: BLE001 -- libtpu missing or an unknown name: say which
     raise ValueError(f"--topology={name!r}: cannot describe it ({str(e).splitlines()[0][:200]}); "
                      "install libtpu (pip install libtpu==0.0.42.1) and use a name like "
@@ -69,13 +110,14 @@ def _sds(shape, dtype, where: NamedSharding):
   return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=where)
 
 
-def abstract_model(cfg, mesh, *, remat=False, attn_chunk=0, params_only=False):
+def abstract_model(cfg, mesh, *, remat=False, attn_chunk=0, params_only=False,
+                   rules=sharding.DEFAULT_RULES):
   """(graph, abstract state) of a Transformer: ShapeDtypeStructs carrying the run's shardings."""
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   model.remat, model.attn_chunk = remat, attn_chunk
-  model.act_sharding = sharding.batch_sharding(mesh, 3)
+  model.act_sharding = sharding.batch_sharding(mesh, 3, rules)
   graph, state = nnx.split(model, nnx.Param) if params_only else nnx.split(model)
-  where = sharding.param_shardings(state, mesh)
+  where = sharding.param_shardings(state, mesh, rules)
   is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
   return graph, jax.tree.map(
       lambda v, s: v.replace(_sds(v.get_value().shape, v.get_value().dtype, s)), state, where,
@@ -107,13 +149,77 @@ def _compile(name: str, lowered_fn) -> tuple[Compiled, object]:
   ops = {op: hlo.count(f" {op}(") for op in COLLECTIVES}
   return Compiled(name, time.perf_counter() - t0, m.argument_size_in_bytes,
                   m.output_size_in_bytes, m.temp_size_in_bytes, m.alias_size_in_bytes,
-                  m.generated_code_size_in_bytes, collectives={k: v for k, v in ops.items() if v}
-                  ), exe
+                  m.generated_code_size_in_bytes, collectives={k: v for k, v in ops.items() if v},
+                  hlo=hlo), exe
 
 
-def check(config, topology: str, mesh_shape=None) -> tuple[list[Compiled], tuple]:
-  """Compiles prefill, decode loop and update of `config` for `topology`; returns the results
-  and the mesh shape used."""
+_SHAPE = re.compile(r"\b(?:bf16|f16|f32|s32|u32|pred)\[([\d,]*)\]")
+
+
+def loop_findings(hlo: str, batch: int, window: int, vocab: int, hidden: tuple[int, ...],
+                  layers: int) -> list[str]:
+  """What a decode loop must not do when its batch is split over devices (the issue-14 design
+  check): hold a [B, W, V] buffer (or [W, B, V], or a step's [B, V]) of the *global* batch --
+  every device forming the whole batch's logits -- or all-gather [B, T, E] activations of the
+  global batch at every layer (weights kept in place, rows brought to them)."""
+  found = []
+  dims = {tuple(int(d) for d in m.group(1).split(",") if d) for m in _SHAPE.finditer(hlo)}
+  for bad in ((batch, window, vocab), (window, batch, vocab), (batch, vocab)):
+    if bad in dims:
+      found.append(f"a buffer of shape {list(bad)}: the whole batch's logits on every device")
+  gathers = 0
+  for line in hlo.splitlines():
+    if " all-gather(" in line or " all-gather-start(" in line:
+      m = _SHAPE.search(line.split("=", 1)[-1])
+      shape = tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+      if len(shape) >= 2 and shape[0] == batch and shape[-1] in hidden:
+        gathers += 1
+  if gathers >= layers:
+    found.append(f"{gathers} all-gathers of [B, T, E] activations of the global batch (B="
+                 f"{batch}): one per layer")
+  return found
+
+
+@dataclasses.dataclass
+class Report:
+  """What `check` compiled: per-program results, the mesh, the rollout layout and, with
+  `roofline=True`, per-device costs of the loop-free pieces (kat_jax.roofline)."""
+  results: list
+  mesh_shape: tuple
+  rollout_tensor: int  # 0: the rollout in the training layout
+  batch: int
+  max_new_tokens: int
+  window: int
+  costs: dict = dataclasses.field(default_factory=dict)  # piece -> roofline.Cost
+
+  def pieces(self) -> dict:
+    """Costs per decode window, rollout, update and step (trip counts applied; every row
+    generating max_new_tokens: the full-length upper bound)."""
+    c = self.costs
+    window = c["window"] + c["student step"] * (self.window - 1)
+    rollout_cost = c["prefill"] + window * (self.max_new_tokens // self.window)
+    update = c["update"]
+    return {"decode window": window, "rollout": rollout_cost, "update": update,
+            "step": rollout_cost + update}
+
+
+def _one_step(s_graph, s_params, state, *, cfg):
+  carry = (state.s_next_BxV, state.s_cache, state.length_B, state.eos_B, state.done_B)
+  return rollout._sample_step(nnx.merge(s_graph, s_params), state, carry, 0, cfg)[0]
+
+
+def _one_window(s_graph, s_params, t_graph, t_params, state, *, cfg):
+  return rollout._window(nnx.merge(s_graph, s_params), nnx.merge(t_graph, t_params), state, cfg)
+
+
+def check(config, topology: str, mesh_shape=None, rollout_tensor=None, update=True,
+          roofline=False) -> Report:
+  """Compiles prefill, decode loop and update of `config` for `topology`.
+
+  rollout_tensor: None = the config's `mesh.rollout_tensor`. roofline: also compile the
+  loop-free pieces the roofline needs (one student step, one window, an update of one row per
+  device without micro-batches or chunks) and keep their costs.
+  """
   devices = topology_devices(topology)
   m = config.mesh
   shape = mesh_shape or sharding.mesh_shape(m.data, m.fsdp, m.tensor, len(devices))
@@ -121,62 +227,128 @@ def check(config, topology: str, mesh_shape=None) -> tuple[list[Compiled], tuple
   dtype = config.dtype or "bfloat16"
   s_cfg = memory.model_config(config.student, dtype)
   t_cfg = memory.model_config(config.teacher, dtype)
+  tp = sharding.resolve_rollout_tensor(
+      m.get("rollout_tensor", 0) if rollout_tensor is None else rollout_tensor, mesh,
+      (s_cfg, t_cfg))
+  train_mesh = mesh
+  rules = sharding.DEFAULT_RULES
+  if tp > 1:  # the rollout (and the teacher everywhere) in the tensor-parallel layout
+    mesh, rules = sharding.rollout_mesh(mesh, tp), sharding.ROLLOUT_RULES
+  else:
+    tp = 0
   vocab = min(s_cfg.vocab_size, t_cfg.vocab_size)
   eos = tuple(s_cfg.eos_token_ids)
   pad = s_cfg.pad_token_id if s_cfg.pad_token_id is not None else eos[0]
   r_cfg = config_lib.rollout_config(config, eos, pad, vocab)
   b = config.prompts_per_step * config.samples_per_prompt
   p = config.max_prompt_len  # the longest prompt bucket a run can produce
+  report = Report([], shape, tp, b, r_cfg.max_new_tokens, r_cfg.window)
   rows = lambda *s: sharding.batch_sharding(mesh, len(s))  # noqa: E731
   one = NamedSharding(mesh, PartitionSpec())
-  sg, sa = abstract_model(s_cfg, mesh)
-  tg, ta = abstract_model(t_cfg, mesh, attn_chunk=config.attn_chunk)
+  sg, sa = abstract_model(s_cfg, mesh, rules=rules)
+  tg, ta = abstract_model(t_cfg, mesh, attn_chunk=config.attn_chunk, rules=rules)
   prompt = _sds((b, p), jnp.int32, rows(b, p))
   start, probe = _sds((b,), jnp.int32, rows(b)), _sds((b,), jnp.bool_, rows(b))
   key = _sds((), jax.random.key(0).dtype, one)
   scalar = _sds((), jnp.float32, one)
-  results = []
-  res, exe = _compile("rollout prefill", lambda: rollout._prefill.lower(
-      sg, sa, tg, ta, prompt, start, probe, key, scalar, scalar, cfg=r_cfg))
-  results.append(res)
-  if exe is not None:
-    shapes = jax.eval_shape(lambda *a: rollout._prefill(*a, cfg=r_cfg), sg, sa, tg, ta, prompt,
-                            start, probe, key, scalar, scalar)
-    state = _with_shardings(shapes, exe.output_shardings, mesh)
-    res, _ = _compile(f"rollout decode loop (B={b})", lambda: rollout._decode_loop.lower(
-        sg, sa, tg, ta, state, _sds((), jnp.int32, one), cfg=r_cfg))
-    results.append(res)
-    fields = {f: getattr(state, f) for f in rollout._ROW_FIELDS}
-    out = jax.eval_shape(lambda r, k, q: rollout._finalize(r, k, q, cfg=r_cfg), fields,
-                         state.kat, probe)
-    result = jax.tree.map(lambda x: _sds(x.shape, x.dtype, rows(*x.shape)), out)
-  else:  # the update's rollout-result shapes come from the prefill's: stop here
-    return results, shape
-  sgp, sp = abstract_model(s_cfg, mesh, remat=config.remat, attn_chunk=config.attn_chunk,
+  # The training state (train layout): student params and optimizer state.
+  sgp, sp = abstract_model(s_cfg, train_mesh, remat=config.remat, attn_chunk=config.attn_chunk,
                            params_only=True)
   tx = opd.make_optimizer(opd.OptimConfig(**config.optim))
-  init = jax.jit(tx.init).lower(sp).compile()
-  opt = _with_shardings(jax.eval_shape(tx.init, sp), init.output_shardings, mesh)
-  res, _ = _compile("update (full length)", lambda: opd.update.lower(
-      sgp, sp, tg, ta, opt, prompt, start, result, tx=tx,
-      cfg=config_lib.loss_config(config, vocab), batch_shards=sharding.batch_shards(mesh)))
-  results.append(res)
-  return results, shape
+  opt = jax.tree.map(lambda x, w: _sds(x.shape, x.dtype, w), jax.eval_shape(tx.init, sp),
+                     opd.optimizer_shardings(tx, sp))
+  # Resident during the rollout: the optimizer state, and the training params when the rollout
+  # works on a copy of them in its own layout.
+  train_state = per_device_bytes((sp, opt) if tp else opt)
+  loss_cfg = config_lib.loss_config(config, vocab)
+  res, exe = _compile("rollout prefill", lambda: rollout._prefill.lower(
+      sg, sa, tg, ta, prompt, start, probe, key, scalar, scalar, cfg=r_cfg))
+  res.resident = train_state
+  report.results.append(res)
+  if exe is None:  # the later programs' shapes come from the prefill's
+    return report
+  if roofline:
+    report.costs["prefill"] = roofline_lib.program_cost(exe)
+  shapes = jax.eval_shape(lambda *a: rollout._prefill(*a, cfg=r_cfg), sg, sa, tg, ta, prompt,
+                          start, probe, key, scalar, scalar)
+  state = _with_shardings(shapes, exe.output_shardings, mesh)
+  res, _ = _compile(f"rollout decode loop (B={b})", lambda: rollout._decode_loop.lower(
+      sg, sa, tg, ta, state, _sds((), jnp.int32, one), cfg=r_cfg))
+  res.resident = train_state
+  if not res.error and sharding.batch_shards(mesh, rules) > 1:
+    res.findings = loop_findings(res.hlo, b, r_cfg.window, vocab,
+                                 (s_cfg.hidden_size, t_cfg.hidden_size),
+                                 min(s_cfg.num_layers, t_cfg.num_layers))
+  report.results.append(res)
+  if roofline:
+    for name, fn, args in (
+        ("student step", _one_step, (sg, sa, state)),
+        ("window", _one_window, (sg, sa, tg, ta, state))):
+      graphs = ("s_graph",) + (("t_graph",) if len(args) > 3 else ())
+      jitted = jax.jit(fn, static_argnames=graphs + ("cfg",), donate_argnames=("state",))
+      names = ("s_graph", "s_params", "t_graph", "t_params", "state")
+      kw = dict(zip(names if len(args) > 3 else ("s_graph", "s_params", "state"), args))
+      piece, exe = _compile(name, lambda: jitted.lower(**kw, cfg=r_cfg))
+      if exe is None:
+        raise RuntimeError(f"the roofline's {name} program does not compile: {piece.error}")
+      report.costs[name] = roofline_lib.program_cost(exe)
+  # Evaluation generation (student only, its own batch and lengths), in the rollout's layout.
+  e = config_lib.eval_config(config)
+  eb = e.batch_size
+  res, _ = _compile(f"eval generation (B={eb})", lambda: rollout._generate.lower(
+      sg, sa, _sds((eb, p), jnp.int32, rows(eb, p)), _sds((eb,), jnp.int32, rows(eb)), key,
+      max_new_tokens=e.max_new_tokens, eos_ids=eos, pad_id=pad, vocab_size=vocab,
+      sampling=rollout.SamplingConfig(e.temperature, e.top_k, e.top_p)))
+  res.resident = train_state + per_device_bytes(ta)  # the teacher stays loaded in a run
+  report.results.append(res)
+  fields = {f: getattr(state, f) for f in rollout._ROW_FIELDS}
+  out = jax.eval_shape(lambda r, k, q: rollout._finalize(r, k, q, cfg=r_cfg), fields,
+                       state.kat, probe)
+  if not update:
+    return report
+
+  def update_program(n_rows, cfg_loss, graph, params):
+    train_rows = lambda *s: sharding.batch_sharding(train_mesh, len(s))  # noqa: E731
+    sized = lambda x: _sds((n_rows,) + x.shape[1:], x.dtype, train_rows(n_rows, *x.shape[1:]))  # noqa: E731
+    return lambda: opd.update.lower(
+        graph, params, tg, ta, opt, sized(prompt), sized(start), jax.tree.map(sized, out),
+        tx=tx, cfg=cfg_loss, batch_shards=sharding.batch_shards(train_mesh))
+
+  res, _ = _compile("update (full length)", update_program(b, loss_cfg, sgp, sp))
+  if loss_cfg.objective == "sampled_pg":  # the teacher is not an argument (XLA drops it)
+    res.resident = per_device_bytes(ta)
+  report.results.append(res)
+  if roofline:
+    # One row per device, no micro-batch loop, no attention / loss chunk loops: every op
+    # counted once is every op run once; the update costs batch / that many rows of it.
+    n = sharding.batch_shards(train_mesh)
+    flat_g, flat_p = abstract_model(s_cfg, train_mesh, remat=config.remat, params_only=True)
+    piece, exe = _compile("update cost", update_program(
+        n, dataclasses.replace(loss_cfg, microbatches=1, chunk=0), flat_g, flat_p))
+    if exe is None:
+      raise RuntimeError(f"the roofline's update program does not compile: {piece.error}")
+    report.costs["update"] = roofline_lib.program_cost(exe) * (b / n)
+  return report
 
 
 def table(results: list[Compiled], plan, hbm: float | None) -> str:
-  """Per program: compile time and per-device GiB from the TPU compiler, and the plan's phase."""
+  """Per program: compile time and per-device GiB from the TPU compiler, the resident state
+  beside it, the peak, and the plan's phase."""
   g = lambda x: f"{x / GiB:7.2f}"  # noqa: E731
   lines = [f"{'program':<30} {'compile':>8} {'args':>7} {'out':>7} {'temp':>7} {'alias':>7} "
-           f"{'code':>7} {'total':>7}  plan"]
+           f"{'code':>7} {'total':>7} {'+state':>7} {'peak':>7}  plan"]
   for r in results:
     phase = plan.update_phase if r.name.startswith("update") else plan.rollout_phase
     if r.error:
       lines.append(f"{r.name:<30} {r.seconds:7.1f}s  does not compile: {r.error}")
       continue
-    fit = "" if hbm is None else f"  ({r.total / hbm:.0%} of {hbm / GiB:.2f} GiB)"
+    fit = "" if hbm is None else f"  ({r.peak / hbm:.0%} of {hbm / GiB:.2f} GiB)"
     lines.append(f"{r.name:<30} {r.seconds:7.1f}s {g(r.argument)} {g(r.output)} {g(r.temp)} "
-                 f"{g(r.alias)} {g(r.code)} {g(r.total)} {g(phase)}{fit}")
+                 f"{g(r.alias)} {g(r.code)} {g(r.total)} {g(r.resident)} {g(r.peak)} "
+                 f"{g(phase)}{fit}")
+  for r in results:
+    for f in r.findings:
+      lines.append(f"LAYOUT PROBLEM in {r.name}: {f}")
   lines.append("collectives in each program's HLO (op: count): " + "; ".join(
       f"{r.name}: {', '.join(f'{k} {v}' for k, v in r.collectives.items()) or 'none'}"
       for r in results if not r.error))
@@ -190,17 +362,72 @@ def main(argv=None) -> None:
   parser.add_argument("--config", required=True, help="config file[:arg]")
   parser.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5e:4x4, v4:2x2x2")
   parser.add_argument("--mesh", default="", help="data,fsdp,tensor (default: the config's)")
+  parser.add_argument("--rollout-tensor", type=int, default=None,
+                      help="the rollout layout: -1 = the training layout, 0 = auto tensor-"
+                           "parallel groups, t = groups of t (default: the config's)")
+  parser.add_argument("--no-update", action="store_true", help="compile the rollout only")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field, e.g. --set remat=True (repeatable)")
   parser.add_argument("--hbm-gb", type=float, default=0.0,
-                      help="per-device HBM for the percentage column (e.g. 15.75 for v5e)")
+                      help="per-device HBM for the percentage column (default: the chip's, "
+                           "kat_jax.roofline.CHIPS; v5e: 15.75, what its compiler allows)")
+  parser.add_argument("--roofline", action="store_true",
+                      help="also compile the loop-free pieces and print the time per window, "
+                           "update and step on v4 / v5e / v5p / v6e (several minutes more)")
   args = parser.parse_args(argv)
   from kat_jax.sweep import load_module
   path, _, arg = args.config.partition(":")
   config = load_module(path).get_config(arg or None)
+  for item in args.set:
+    key, _, value = item.partition("=")
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    try:
+      node[leaf] = type(node[leaf])(ast.literal_eval(value))
+    except (ValueError, SyntaxError):
+      node[leaf] = value
   shape = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else None
-  results, shape = check(config, args.topology, shape)
-  plan = memory.for_config(config, shape, None, accelerator=True)
-  print(f"{args.topology}, mesh (data, fsdp, tensor) = {shape}; per device, GiB:")
-  print(table(results, plan, args.hbm_gb * GiB or None))
+  report = check(config, args.topology, shape, args.rollout_tensor, update=not args.no_update,
+                 roofline=args.roofline)
+  plan = memory.for_config(config, report.mesh_shape, None, accelerator=True)
+  tp = report.rollout_tensor
+  layout = f"tensor-parallel groups of {tp}" if tp else "the training layout"
+  print(f"{args.topology}, mesh (data, fsdp, tensor) = {report.mesh_shape}, rollout in "
+        f"{layout}; per device, GiB:")
+  chip = roofline_lib.CHIPS.get(args.topology.split(":")[0])
+  hbm = args.hbm_gb * GiB or (chip.usable_hbm if chip else None)
+  print(table(report.results, plan, hbm))
+  if report.costs:
+    print()
+    print(roofline_table(report, len(topology_devices(args.topology))))
+
+
+def roofline_table(report: Report, chips: int) -> str:
+  """Per chip kind: roofline seconds per decode window, rollout, update and step (the programs
+  compiled for this topology, run at each kind's peak rates), tokens/s and FLOP utilization."""
+  pieces = report.pieces()
+  g = lambda x: f"{x:9.3g}"  # noqa: E731
+  lines = ["per device, from the compiler's cost analysis (loop-free pieces x trip counts):"]
+  for name, c in pieces.items():
+    lines.append(f"  {name:<14} {c.flops / 1e12:10.2f} TFLOP {c.hbm_bytes / GiB:10.2f} GiB HBM "
+                 f"{c.collective_bytes / GiB:9.2f} GiB ICI")
+  tokens = report.batch * report.max_new_tokens
+  lines.append(f"roofline on {chips} chips of each kind (every row generating "
+               f"{report.max_new_tokens} tokens), seconds:")
+  lines.append(f"  {'chip':<5} {'window':>9} {'rollout':>9} {'update':>9} {'step':>9} "
+               f"{'tokens/s':>9} {'FLOP use':>9}  bound (window / update)")
+  for chip in roofline_lib.CHIPS.values():
+    t = {k: c.seconds(chip) for k, c in pieces.items()}
+    use = pieces["step"].flops / (t["step"] * chip.flops)
+    lines.append(f"  {chip.name:<5} {g(t['decode window'])} {g(t['rollout'])} {g(t['update'])} "
+                 f"{g(t['step'])} {g(tokens / t['step'])} {use:9.1%}  "
+                 f"{pieces['decode window'].bound(chip)} / {pieces['update'].bound(chip)}")
+  lines.append("chip peaks: " + "; ".join(
+      f"{c.name} {c.flops / 1e12:g} TFLOP/s, {c.hbm_bw / 1e9:g} GB/s HBM, "
+      f"{c.ici_link_bw / 1e9:g} GB/s per ICI link" for c in roofline_lib.CHIPS.values()))
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
