@@ -20,8 +20,10 @@ checked for the whole batch's logits or per-layer activation all-gathers (`loop_
 and prints FLOPs / HBM / ICI bytes and the time per window, rollout, update and step on v4, v5e,
 v5p and v6e.
 
-Not yet (issue 14): the decode loop at each compaction size, evaluation generation, and using
-the compiler's numbers in `train` (it plans with kat_jax/memory.py).
+--compaction adds the decode loop at every smaller batch the rollout compacts to.
+
+`train` runs the same check on its own devices before loading weights (config.compile_check:
+"auto" = on TPU) and refuses a run that cannot fit (`refuse_if_too_big`).
 """
 
 from __future__ import annotations
@@ -212,19 +214,21 @@ def _one_window(s_graph, s_params, t_graph, t_params, state, *, cfg):
   return rollout._window(nnx.merge(s_graph, s_params), nnx.merge(t_graph, t_params), state, cfg)
 
 
-def check(config, topology: str, mesh_shape=None, rollout_tensor=None, update=True,
-          roofline=False) -> Report:
+def check(config, topology: str | None, mesh_shape=None, rollout_tensor=None, update=True,
+          roofline=False, compaction=False, devices=None) -> Report:
   """Compiles prefill, decode loop and update of `config` for `topology`.
 
   rollout_tensor: None = the config's `mesh.rollout_tensor`. roofline: also compile the
   loop-free pieces the roofline needs (one student step, one window, an update of one row per
-  device without micro-batches or chunks) and keep their costs.
+  device without micro-batches or chunks) and keep their costs. compaction: also the decode
+  loop at every smaller batch the rollout compacts to (rollout.compaction_sizes).
   """
-  devices = topology_devices(topology)
+  devices = topology_devices(topology) if devices is None else devices
   m = config.mesh
   shape = mesh_shape or sharding.mesh_shape(m.data, m.fsdp, m.tensor, len(devices))
   mesh = sharding.make_mesh(shape, devices=devices)
-  dtype = config.dtype or "bfloat16"
+  # The run's default: bf16 on accelerators, fp32 on CPU (hf.load).
+  dtype = config.dtype or ("float32" if devices[0].platform == "cpu" else "bfloat16")
   s_cfg = memory.model_config(config.student, dtype)
   t_cfg = memory.model_config(config.teacher, dtype)
   tp = sharding.resolve_rollout_tensor(
@@ -280,6 +284,16 @@ def check(config, topology: str, mesh_shape=None, rollout_tensor=None, update=Tr
                                  (s_cfg.hidden_size, t_cfg.hidden_size),
                                  min(s_cfg.num_layers, t_cfg.num_layers))
   report.results.append(res)
+  if compaction:
+    for n in rollout.compaction_sizes(b, r_cfg.compact_multiple,
+                                      sharding.batch_shards(mesh, rules))[1:]:
+      small = jax.eval_shape(rollout._take_rows, state, _sds((n,), jnp.int32, one))
+      # The same layout with fewer rows (compaction sizes are multiples of the batch shards).
+      small = jax.tree.map(lambda x, full: _sds(x.shape, x.dtype, full.sharding), small, state)
+      piece, _ = _compile(f"rollout decode loop (B={n})", lambda: rollout._decode_loop.lower(
+          sg, sa, tg, ta, small, _sds((), jnp.int32, one), cfg=r_cfg))
+      piece.resident = train_state
+      report.results.append(piece)
   if roofline:
     for name, fn, args in (
         ("student step", _one_step, (sg, sa, state)),
@@ -331,6 +345,36 @@ def check(config, topology: str, mesh_shape=None, rollout_tensor=None, update=Tr
   return report
 
 
+def refuse_if_too_big(report: Report, device_memory: float, config) -> None:
+  """Raises ConfigError naming the first program whose peak exceeds 90% of `device_memory`,
+  its largest part, and the knobs that shrink it (for `train`, before any weight loads)."""
+  from kat_jax.models import ConfigError
+  limit = 0.9 * device_memory
+  for r in report.results:
+    if r.error:
+      raise ConfigError(f"the {r.name} program does not compile for these devices: {r.error}")
+    if r.peak <= limit:
+      continue
+    parts = {"arguments": r.argument, "outputs not aliased": r.output - r.alias,
+             "temporaries": r.temp, "resident state": r.resident}
+    big = max(parts, key=parts.get)
+    if r.name.startswith("update"):
+      knobs = (([] if config.remat else ["--config.remat=True"])
+               + [f"--config.loss.chunk={max(config.loss.chunk // 2, 64) if config.loss.chunk else 256}",
+                  "a larger --config.loss.microbatches", "more devices"])
+    elif r.name.startswith("eval"):
+      knobs = ["a smaller --config.eval.batch_size", "a shorter --config.eval.max_new_tokens",
+               "more devices"]
+    else:
+      knobs = ["fewer rollouts (prompts_per_step x samples_per_prompt)", "a shorter "
+               "max_new_tokens / max_prompt_len", "more devices", "--config.mesh.rollout_tensor"
+               " (the rollout's tensor-parallel group)"]
+    raise ConfigError(
+        f"the {r.name} program needs {r.peak / GiB:.2f} GiB per device (XLA's compiled memory, "
+        f"largest part {big} {parts[big] / GiB:.2f} GiB) but 90% of the device is "
+        f"{limit / GiB:.2f} GiB; try {', '.join(knobs)}.\n" + table(report.results, None, None))
+
+
 def table(results: list[Compiled], plan, hbm: float | None) -> str:
   """Per program: compile time and per-device GiB from the TPU compiler, the resident state
   beside it, the peak, and the plan's phase."""
@@ -338,14 +382,15 @@ def table(results: list[Compiled], plan, hbm: float | None) -> str:
   lines = [f"{'program':<30} {'compile':>8} {'args':>7} {'out':>7} {'temp':>7} {'alias':>7} "
            f"{'code':>7} {'total':>7} {'+state':>7} {'peak':>7}  plan"]
   for r in results:
-    phase = plan.update_phase if r.name.startswith("update") else plan.rollout_phase
+    phase = 0.0 if plan is None else (plan.update_phase if r.name.startswith("update")
+                                      else plan.rollout_phase)
     if r.error:
       lines.append(f"{r.name:<30} {r.seconds:7.1f}s  does not compile: {r.error}")
       continue
     fit = "" if hbm is None else f"  ({r.peak / hbm:.0%} of {hbm / GiB:.2f} GiB)"
     lines.append(f"{r.name:<30} {r.seconds:7.1f}s {g(r.argument)} {g(r.output)} {g(r.temp)} "
                  f"{g(r.alias)} {g(r.code)} {g(r.total)} {g(r.resident)} {g(r.peak)} "
-                 f"{g(phase)}{fit}")
+                 f"{g(phase) if plan is not None else '      -'}{fit}")
   for r in results:
     for f in r.findings:
       lines.append(f"LAYOUT PROBLEM in {r.name}: {f}")
@@ -366,6 +411,8 @@ def main(argv=None) -> None:
                       help="the rollout layout: -1 = the training layout, 0 = auto tensor-"
                            "parallel groups, t = groups of t (default: the config's)")
   parser.add_argument("--no-update", action="store_true", help="compile the rollout only")
+  parser.add_argument("--compaction", action="store_true",
+                      help="also the decode loop at every compacted batch size")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config field, e.g. --set remat=True (repeatable)")
   parser.add_argument("--hbm-gb", type=float, default=0.0,
@@ -390,7 +437,7 @@ def main(argv=None) -> None:
       node[leaf] = value
   shape = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else None
   report = check(config, args.topology, shape, args.rollout_tensor, update=not args.no_update,
-                 roofline=args.roofline)
+                 roofline=args.roofline, compaction=args.compaction)
   plan = memory.for_config(config, report.mesh_shape, None, accelerator=True)
   tp = report.rollout_tensor
   layout = f"tensor-parallel groups of {tp}" if tp else "the training layout"

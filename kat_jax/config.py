@@ -77,6 +77,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.attn_chunk = 0  # training-forward attention over query chunks of this size (0 = all at once)
   c.max_prompt_len = 256  # prompt tokens (chat template included); longer prompts are an error
   c.device_memory_gb = 0.0  # per device, for the memory plan; 0 = as the device reports (or none)
+  # Before loading weights, compile the rollout and update with abstract params on the run's own
+  # devices and refuse a run whose compiled peak exceeds 90% of device memory (kat_jax.aot):
+  # "auto" = on TPU (the analytic plan is fitted to XLA:CPU), "on" / "off" = always / never.
+  c.compile_check = "auto"
   c.rescore_student = False
   c.compact_multiple = 0
   c.checkpoint_every = 50
@@ -136,6 +140,11 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     _fail("attn_chunk", config.attn_chunk, "must be >= 0 (0 turns query chunking off).")
   if config.max_prompt_len < 1:
     _fail("max_prompt_len", config.max_prompt_len, "must be >= 1.")
+  if config.compile_check not in ("auto", "on", "off"):
+    _fail("compile_check", config.compile_check, "use 'auto' (on TPU), 'on' or 'off'.")
+  if config.mesh.rollout_tensor < -1:
+    _fail("mesh.rollout_tensor", config.mesh.rollout_tensor,
+          "use -1 (the training layout), 0 (auto) or a group size >= 1.")
   for field in ("eval_size", "eval_every"):
     if config[field] < 0:
       _fail(field, config[field], "must be >= 0 (0 turns it off).")
@@ -248,6 +257,13 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
         rollout.check_top_k(rollout.SamplingConfig(top_k=config.eval.top_k), vocab, "eval")
     except ValueError as e:
       raise ConfigError(f"config.{e}") from None
+    roles = ("student",) if config.mode == "eval" else ("student", "teacher")
+    try:
+      sharding.resolve_rollout_tensor(config.mesh.rollout_tensor, sharding.make_mesh(shape),
+                                      [hf.read_config(config[r]) for r in roles])
+    except ValueError as e:
+      _fail("mesh.rollout_tensor", config.mesh.rollout_tensor,
+            str(e).split(": ", 1)[-1].replace("mesh.rollout_tensor=", "group size "))
   if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
     raise ConfigError(f"--workdir={workdir!r} exists and is not a directory; choose another path.")
 

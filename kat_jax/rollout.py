@@ -334,10 +334,13 @@ def _park_rows(parked: dict, state: RolloutState) -> dict:
   return out
 
 
-def _compaction_sizes(batch: int, multiple: int) -> list[int]:
-  if multiple < 0:
+def compaction_sizes(batch: int, compact_multiple: int, batch_multiple: int = 1) -> list[int]:
+  """The batch sizes the decode loop runs at, largest first: multiples of `compact_multiple`
+  rows (0: batch / 8; -1: no compaction), rounded up to multiples of the batch shards."""
+  if compact_multiple < 0:
     return [batch]
-  multiple = multiple or max(1, batch // 8)
+  multiple = max(compact_multiple or batch // 8, 1)
+  multiple = -(-multiple // batch_multiple) * batch_multiple
   return sorted({batch} | set(range(multiple, batch, multiple)), reverse=True)
 
 
@@ -378,11 +381,7 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
   probe_B = jnp.asarray(probe_B, jnp.bool_)
   state = _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP,
                    jnp.asarray(start_B, jnp.int32), probe_B, key, tau, spike_tau, cfg=cfg)
-  multiple = cfg.compact_multiple
-  if multiple >= 0:
-    multiple = max(multiple or b // 8, 1)
-    multiple = -(-multiple // batch_multiple) * batch_multiple
-  sizes = _compaction_sizes(b, multiple)
+  sizes = compaction_sizes(b, cfg.compact_multiple, batch_multiple)
   parked = None
   while True:
     size = state.done_B.shape[0]

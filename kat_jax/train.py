@@ -57,6 +57,19 @@ class Run:
   threshold_cfg: threshold.ThresholdConfig
 
 
+def _compile_check(config, shape, device_memory) -> None:
+  """The compiler's per-device memory of the rollout and the update, from config.json files and
+  abstract params on this run's devices (kat_jax.aot); a ConfigError if a program cannot fit."""
+  from kat_jax import aot
+  t0 = time.perf_counter()
+  report = aot.check(config, None, shape, devices=jax.devices())
+  if _main_process():
+    print(f"compile check ({time.perf_counter() - t0:.0f} s), per device, GiB:\n"
+          + aot.table(report.results, None, device_memory), flush=True)
+  if device_memory:
+    aot.refuse_if_too_big(report, device_memory, config)
+
+
 def _tokenizer(model_dir: Path):
   from tokenizers import Tokenizer
   return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -77,6 +90,9 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
                         accelerator=jax.default_backend() != "cpu")
     if _main_process():
       print(plan.table(), flush=True)
+    check = config.get("compile_check", "auto")
+    if check == "on" or (check == "auto" and jax.default_backend() == "tpu"):
+      _compile_check(config, shape, gb * memory.GiB if gb else memory.device_memory_bytes())
   mesh = sharding.make_mesh(shape)
   if with_teacher:  # the shared vocabulary and EOS ids, checked before any weight loads
     compat = hf.check_compatible(config.student, config.teacher)

@@ -1,8 +1,11 @@
 """Ahead-of-time compilation for a TPU topology on this CPU host (kat_jax/aot.py, needs libtpu)."""
 
+import re
+
 import pytest
 
 from kat_jax import aot, memory
+from kat_jax.models import ConfigError
 from train_fixtures import make_models, tiny_config
 
 pytest.importorskip("libtpu")
@@ -64,3 +67,45 @@ def test_loop_findings_reads_shapes_from_hlo():
   found = aot.loop_findings(hlo, batch=8, window=4, vocab=20, hidden=(32,), layers=2)
   assert len(found) == 2 and "[8, 4, 20]" in found[0] and "2 all-gathers" in found[1]
   assert aot.loop_findings(hlo.replace("[8,", "[4,"), 8, 4, 20, (32,), 2) == []
+
+
+def test_compacted_decode_loops_compile_smaller(tmp_path):
+  """Every batch the rollout compacts to compiles, and a half batch holds about half the KV
+  cache (the loop's aliased, donated state)."""
+  student, teacher = make_models(tmp_path)
+  cfg = tiny_config(student, teacher)
+  cfg.dtype = "bfloat16"
+  cfg.compact_multiple = 0  # batch / 8 = 1 row, rounded up to the 4 batch shards: sizes 8, 4
+  report = aot.check(cfg, "v5e:2x2", update=False, compaction=True)
+  loops = {r.name: r for r in report.results if r.name.startswith("rollout decode loop")}
+  assert set(loops) == {"rollout decode loop (B=8)", "rollout decode loop (B=4)"}
+  full, half = loops["rollout decode loop (B=8)"], loops["rollout decode loop (B=4)"]
+  assert not full.error and not half.error
+  assert half.alias == pytest.approx(full.alias / 2, rel=0.1)
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_program_and_knobs(tmp_path):
+  student, teacher = make_models(tmp_path)
+  cfg = tiny_config(student, teacher)
+  cfg.dtype = "bfloat16"
+  report = aot.check(cfg, "v5e:2x2")
+  biggest = max(report.results, key=lambda r: r.peak)
+  aot.refuse_if_too_big(report, biggest.peak / 0.89, cfg)  # everything within 90%: no error
+  with pytest.raises(ConfigError, match=rf"the {re.escape(biggest.name)} program needs .* GiB "
+                                        r"per device \(XLA's compiled memory, largest part .*; "
+                                        r"try .*more devices"):
+    aot.refuse_if_too_big(report, biggest.peak / 0.95, cfg)
+
+
+def test_train_runs_the_compile_check_on_its_own_devices(tmp_path, capsys):
+  """compile_check='on' on CPU (it is automatic on TPU): the rollout and update are compiled
+  from config.json alone before any weight loads, then training goes on."""
+  from kat_jax import train
+  student, teacher = make_models(tmp_path)
+  cfg = tiny_config(student, teacher, steps=1)
+  cfg.compile_check, cfg.eval_size, cfg.export = "on", 0, False
+  cfg.device_memory_gb = 8.0
+  train.train(cfg, tmp_path / "run")
+  out = capsys.readouterr().out
+  assert "compile check (" in out and "update (full length)" in out
+  assert out.index("compile check (") < out.index("kat_jax OPD summary")

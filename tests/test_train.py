@@ -181,6 +181,10 @@ BAD = [
     (dict(threshold__probe_fraction=0.0), r"config\.threshold\.probe_fraction=0\.0: leaves"),
     (dict(kat__cut="middle"), r"config\.kat\.cut='middle'; use one of"),
     (dict(data__heldout_size=-1), r"config\.data\.heldout_size=-1: must be >= 0"),
+    (dict(compile_check="maybe"), r"config\.compile_check='maybe': use 'auto' \(on TPU\)"),
+    (dict(mesh__rollout_tensor=-2), r"config\.mesh\.rollout_tensor=-2: use -1"),
+    (dict(mesh__rollout_tensor=4), r"config\.mesh\.rollout_tensor=4: .*does not divide "
+                                   r"num_kv_heads=2"),
 ]
 
 
