@@ -294,15 +294,13 @@ def check(config, topology: str | None, mesh_shape=None, rollout_tensor=None, up
           sg, sa, tg, ta, small, _sds((), jnp.int32, one), cfg=r_cfg))
       piece.resident = train_state
       report.results.append(piece)
-  if roofline:
-    for name, fn, args in (
-        ("student step", _one_step, (sg, sa, state)),
-        ("window", _one_window, (sg, sa, tg, ta, state))):
-      graphs = ("s_graph",) + (("t_graph",) if len(args) > 3 else ())
-      jitted = jax.jit(fn, static_argnames=graphs + ("cfg",), donate_argnames=("state",))
-      names = ("s_graph", "s_params", "t_graph", "t_params", "state")
-      kw = dict(zip(names if len(args) > 3 else ("s_graph", "s_params", "state"), args))
-      piece, exe = _compile(name, lambda: jitted.lower(**kw, cfg=r_cfg))
+  if roofline:  # donated state: the caches update in place, as in the loop
+    step = jax.jit(_one_step, static_argnames=("s_graph", "cfg"), donate_argnames=("state",))
+    window = jax.jit(_one_window, static_argnames=("s_graph", "t_graph", "cfg"),
+                     donate_argnames=("state",))
+    for name, lower in (("student step", lambda: step.lower(sg, sa, state, cfg=r_cfg)),
+                        ("window", lambda: window.lower(sg, sa, tg, ta, state, cfg=r_cfg))):
+      piece, exe = _compile(name, lower)
       if exe is None:
         raise RuntimeError(f"the roofline's {name} program does not compile: {piece.error}")
       report.costs[name] = roofline_lib.program_cost(exe)
@@ -322,8 +320,10 @@ def check(config, topology: str | None, mesh_shape=None, rollout_tensor=None, up
     return report
 
   def update_program(n_rows, cfg_loss, graph, params):
-    train_rows = lambda *s: sharding.batch_sharding(train_mesh, len(s))  # noqa: E731
-    sized = lambda x: _sds((n_rows,) + x.shape[1:], x.dtype, train_rows(n_rows, *x.shape[1:]))  # noqa: E731
+    def sized(x):  # n_rows rows of a [B, ...] input, batch-sharded on the training mesh
+      return _sds((n_rows,) + x.shape[1:], x.dtype,
+                  sharding.batch_sharding(train_mesh, x.ndim))
+
     return lambda: opd.update.lower(
         graph, params, tg, ta, opt, sized(prompt), sized(start), jax.tree.map(sized, out),
         tx=tx, cfg=cfg_loss, batch_shards=sharding.batch_shards(train_mesh))
@@ -359,9 +359,10 @@ def refuse_if_too_big(report: Report, device_memory: float, config) -> None:
              "temporaries": r.temp, "resident state": r.resident}
     big = max(parts, key=parts.get)
     if r.name.startswith("update"):
+      chunk = max(config.loss.chunk // 2, 64) if config.loss.chunk else 256
       knobs = (([] if config.remat else ["--config.remat=True"])
-               + [f"--config.loss.chunk={max(config.loss.chunk // 2, 64) if config.loss.chunk else 256}",
-                  "a larger --config.loss.microbatches", "more devices"])
+               + [f"--config.loss.chunk={chunk}", "a larger --config.loss.microbatches",
+                  "more devices"])
     elif r.name.startswith("eval"):
       knobs = ["a smaller --config.eval.batch_size", "a shorter --config.eval.max_new_tokens",
                "more devices"]
