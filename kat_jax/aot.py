@@ -32,7 +32,6 @@ import argparse
 import ast
 import dataclasses
 import os
-import re
 import time
 
 import jax
@@ -44,10 +43,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from kat_jax import config as config_lib
 from kat_jax import memory, opd, rollout, sharding
 from kat_jax import roofline as roofline_lib
-from kat_jax.models import Transformer
+from kat_jax.models import ConfigError, Transformer
 
 GiB = 2**30
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 @dataclasses.dataclass
@@ -148,14 +146,11 @@ def _compile(name: str, lowered_fn) -> tuple[Compiled, object]:
     return Compiled(name, time.perf_counter() - t0, error=line.strip()[:300]), None
   m = exe.memory_analysis()
   hlo = exe.as_text()
-  ops = {op: hlo.count(f" {op}(") for op in COLLECTIVES}
+  ops = {op: hlo.count(f" {op}(") for op in roofline_lib.COLLECTIVES}
   return Compiled(name, time.perf_counter() - t0, m.argument_size_in_bytes,
                   m.output_size_in_bytes, m.temp_size_in_bytes, m.alias_size_in_bytes,
                   m.generated_code_size_in_bytes, collectives={k: v for k, v in ops.items() if v},
                   hlo=hlo), exe
-
-
-_SHAPE = re.compile(r"\b(?:bf16|f16|f32|s32|u32|pred)\[([\d,]*)\]")
 
 
 def loop_findings(hlo: str, batch: int, window: int, vocab: int, hidden: tuple[int, ...],
@@ -165,15 +160,14 @@ def loop_findings(hlo: str, batch: int, window: int, vocab: int, hidden: tuple[i
   every device forming the whole batch's logits -- or all-gather [B, T, E] activations of the
   global batch at every layer (weights kept in place, rows brought to them)."""
   found = []
-  dims = {tuple(int(d) for d in m.group(1).split(",") if d) for m in _SHAPE.finditer(hlo)}
+  dims = set(roofline_lib.array_dims(hlo))
   for bad in ((batch, window, vocab), (window, batch, vocab), (batch, vocab)):
     if bad in dims:
       found.append(f"a buffer of shape {list(bad)}: the whole batch's logits on every device")
   gathers = 0
   for line in hlo.splitlines():
     if " all-gather(" in line or " all-gather-start(" in line:
-      m = _SHAPE.search(line.split("=", 1)[-1])
-      shape = tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+      shape = (roofline_lib.array_dims(line.split("=", 1)[-1]) or [()])[0]
       if len(shape) >= 2 and shape[0] == batch and shape[-1] in hidden:
         gathers += 1
   if gathers >= layers:
@@ -349,7 +343,6 @@ def check(config, topology: str | None, mesh_shape=None, rollout_tensor=None, up
 def refuse_if_too_big(report: Report, device_memory: float, config) -> None:
   """Raises ConfigError naming the first program whose peak exceeds 90% of `device_memory`,
   its largest part, and the knobs that shrink it (for `train`, before any weight loads)."""
-  from kat_jax.models import ConfigError
   limit = 0.9 * device_memory
   for r in report.results:
     if r.error:

@@ -2,8 +2,8 @@
 
     python -m kat_jax.memory --config configs/qwen3_opd.py --devices 16 --mesh 1,16,1 \
         --device-memory-gb 16                      # e.g. a TPU v5e-16 slice
-    python -m kat_jax.memory --config configs/qwen3_opd.py --topology v5e:4x4
-                                                   # the TPU compiler's figures (kat_jax.aot)
+    python -m kat_jax.aot --config configs/qwen3_opd.py --topology v5e:4x4
+                                                   # the TPU compiler's own figures
 
 Every item is bytes per device on a (data, fsdp, tensor) mesh:
   params        student + teacher, each tensor divided by the mesh axes its logical names map to
@@ -278,21 +278,11 @@ def main(argv=None) -> None:
   import argparse
   parser = argparse.ArgumentParser(description="Per-device memory plan of a training config.")
   parser.add_argument("--config", required=True, help="config file[:arg]")
-  parser.add_argument("--devices", type=int, default=0)
+  parser.add_argument("--devices", type=int, required=True)
   parser.add_argument("--mesh", default="", help="data,fsdp,tensor (default: best that fits)")
-  parser.add_argument("--device-memory-gb", type=float, default=0.0)
+  parser.add_argument("--device-memory-gb", type=float, required=True)
   parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--topology", default="",
-                      help="a TPU topology (e.g. v5e:4x4): the TPU compiler's own per-device "
-                           "memory of every program (kat_jax.aot, needs libtpu) instead of the plan")
   args = parser.parse_args(argv)
-  if args.topology:
-    from kat_jax import aot
-    aot.main(["--config", args.config, "--topology", args.topology]
-             + (["--mesh", args.mesh] if args.mesh else []))
-    return
-  if not args.devices or not args.device_memory_gb:
-    parser.error("--devices and --device-memory-gb are required without --topology")
   from kat_jax.sweep import load_module
   path, _, arg = args.config.partition(":")
   config = load_module(path).get_config(arg or None)

@@ -24,6 +24,8 @@ import dataclasses
 import re
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 GiB = 2**30
@@ -87,7 +89,12 @@ class Cost:
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
                 "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _ARRAY = re.compile(r"\b(pred|[sfu]\d+|bf16)\[([\d,]*)\]")
-_OPS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def array_dims(text: str) -> list[tuple[int, ...]]:
+  """The dimensions of every array shape written in an HLO text, in order."""
+  return [tuple(int(d) for d in dims.split(",") if d) for _, dims in _ARRAY.findall(text)]
 
 
 def _array_bytes(text: str) -> int:
@@ -114,7 +121,7 @@ def collective_bytes(hlo: str) -> float:
   counted once, as written; loop bodies once)."""
   total = 0.0
   for line in hlo.splitlines():
-    op = next((o for o in _OPS if f" {o}(" in line or f" {o}-start(" in line), None)
+    op = next((o for o in COLLECTIVES if f" {o}(" in line or f" {o}-start(" in line), None)
     if op is None or "=" not in line:
       continue
     result = line.split("=", 1)[1].split(op, 1)[0]  # the result shape(s), before the op name
@@ -142,8 +149,6 @@ def program_cost(executable) -> Cost:
 
 def host_chip(seconds: float = 1.0) -> Chip:
   """This machine as a 'chip': its measured f32 matmul rate and memory bandwidth (no ICI)."""
-  import jax
-  import jax.numpy as jnp
   n = 1024
   a = jnp.ones((n, n), jnp.float32)
   mm = jax.jit(lambda x: x @ x)

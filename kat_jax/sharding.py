@@ -141,10 +141,15 @@ def relayout(model, mesh: Mesh, rules=DEFAULT_RULES):
   return moved
 
 
+def _identity(tree):
+  return tree
+
+
 def reshard(tree, shardings):
   """`tree` with each array moved to its sharding in `shardings` (same structure), by a jitted
-  identity: XLA's collectives on device, and valid when the arrays span processes."""
-  return jax.jit(lambda t: t, out_shardings=shardings)(tree)
+  identity: XLA's collectives on device, and valid when the arrays span processes. One module-
+  level function, so a step's reshards hit the compile cache (a fresh lambda recompiled each call)."""
+  return jax.jit(_identity, out_shardings=shardings)(tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from kat_jax import evaluate as evaluate_lib
-from kat_jax import hf, loops, memory, opd, rollout, sharding, threshold
+from kat_jax import aot, hf, loops, memory, opd, rollout, sharding, threshold
 from kat_jax.config import eval_config, loss_config, rollout_config, threshold_config
 from kat_jax.models.config import ConfigError
 
@@ -60,7 +60,6 @@ class Run:
 def _compile_check(config, shape, device_memory) -> None:
   """The compiler's per-device memory of the rollout and the update, from config.json files and
   abstract params on this run's devices (kat_jax.aot); a ConfigError if a program cannot fit."""
-  from kat_jax import aot
   t0 = time.perf_counter()
   report = aot.check(config, None, shape, devices=jax.devices())
   if _main_process():

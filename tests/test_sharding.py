@@ -150,3 +150,16 @@ def test_kv_cache_layout_on_a_mesh(models):
   spec = cache.k[0].sharding.spec
   assert tuple(spec)[:2] == (("data", "fsdp"), "tensor")
   assert len(cache.v[-1].sharding.device_set) == 8
+
+
+def test_reshard_compiles_once_per_layout(caplog):
+  """The training loop reshards every step; a fresh jitted lambda per call recompiled each time."""
+  import logging
+  mesh = sharding.make_mesh((1, 8, 1))
+  where = sharding.batch_sharding(sharding.rollout_mesh(mesh, 2), 2)
+  x = sharding.put_batch(np.ones((8, 4), np.float32), mesh)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    for _ in range(3):
+      y = sharding.reshard(x, where)
+  assert sum("Compiling" in r.getMessage() for r in caplog.records) <= 1
+  assert y.sharding == where and np.array_equal(np.asarray(y), np.asarray(x))
