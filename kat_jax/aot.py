@@ -110,11 +110,11 @@ def _sds(shape, dtype, where: NamedSharding):
   return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=where)
 
 
-def abstract_model(cfg, mesh, *, remat=False, attn_chunk=0, params_only=False,
-                   rules=sharding.DEFAULT_RULES):
+def abstract_model(cfg, mesh, *, remat=False, attn_chunk=0, scan_layers=False,
+                   params_only=False, rules=sharding.DEFAULT_RULES):
   """(graph, abstract state) of a Transformer: ShapeDtypeStructs carrying the run's shardings."""
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  model.remat, model.attn_chunk = remat, attn_chunk
+  model.remat, model.attn_chunk, model.scan_layers = remat, attn_chunk, scan_layers
   model.act_sharding = sharding.batch_sharding(mesh, 3, rules)
   graph, state = nnx.split(model, nnx.Param) if params_only else nnx.split(model)
   where = sharding.param_shardings(state, mesh, rules)
@@ -201,16 +201,185 @@ class Report:
 
 def _one_step(s_graph, s_params, state, *, cfg):
   carry = (state.s_next_BxV, state.s_cache, state.length_B, state.eos_B, state.done_B)
-  return rollout._sample_step(nnx.merge(s_graph, s_params), state, carry, 0, cfg)[0]
+  return rollout.sample_step(nnx.merge(s_graph, s_params), state, carry, 0, cfg)[0]
 
 
 def _one_window(s_graph, s_params, t_graph, t_params, state, *, cfg):
-  return rollout._window(nnx.merge(s_graph, s_params), nnx.merge(t_graph, t_params), state, cfg)
+  return rollout.window_step(nnx.merge(s_graph, s_params), nnx.merge(t_graph, t_params), state, cfg)
+
+
+@dataclasses.dataclass
+class _Step:
+  """What every program of a step is compiled from: the meshes, configs and abstract inputs."""
+  config: object
+  train_mesh: object
+  mesh: object  # the rollout's (= train_mesh without tensor-parallel groups)
+  rules: object
+  s_cfg: object
+  t_cfg: object
+  r_cfg: object
+  loss_cfg: object
+  vocab: int
+  eos: tuple
+  pad: int
+  student: tuple  # (graph, abstract state) in the rollout layout
+  teacher: tuple  # (graph, abstract state) in the rollout layout
+  train_student: tuple  # (graph, abstract params) in the training layout
+  tx: object
+  opt: object  # abstract optimizer state
+  train_state: float  # resident during the rollout: optimizer state (+ training params)
+
+  def rows(self, *shape):
+    """The sharding of a [B, ...] input on the rollout mesh: rows over its batch axes."""
+    return sharding.batch_sharding(self.mesh, len(shape))
+
+
+def _step(config, devices, mesh_shape, rollout_tensor) -> tuple[_Step, tuple, int]:
+  m = config.mesh
+  shape = mesh_shape or sharding.mesh_shape(m.data, m.fsdp, m.tensor, len(devices))
+  train_mesh = sharding.make_mesh(shape, devices=devices)
+  # The run's default: bf16 on accelerators, fp32 on CPU (hf.load).
+  dtype = config.dtype or ("float32" if devices[0].platform == "cpu" else "bfloat16")
+  s_cfg = memory.model_config(config.student, dtype)
+  t_cfg = memory.model_config(config.teacher, dtype)
+  tp = sharding.resolve_rollout_tensor(
+      m.get("rollout_tensor", 0) if rollout_tensor is None else rollout_tensor, train_mesh,
+      (s_cfg, t_cfg))
+  mesh, rules = train_mesh, sharding.DEFAULT_RULES
+  if tp > 1:  # the rollout (and the teacher everywhere) in the tensor-parallel layout
+    mesh, rules = sharding.rollout_mesh(train_mesh, tp), sharding.ROLLOUT_RULES
+  else:
+    tp = 0
+  vocab = min(s_cfg.vocab_size, t_cfg.vocab_size)
+  eos = tuple(s_cfg.eos_token_ids)
+  pad = s_cfg.pad_token_id if s_cfg.pad_token_id is not None else eos[0]
+  scan = config.get("scan_layers", False)
+  # The training state (train layout): student params and optimizer state.
+  sgp, sp = abstract_model(s_cfg, train_mesh, remat=config.remat, attn_chunk=config.attn_chunk,
+                           scan_layers=scan, params_only=True)
+  tx = opd.make_optimizer(opd.OptimConfig(**config.optim))
+  opt = jax.tree.map(lambda x, w: _sds(x.shape, x.dtype, w), jax.eval_shape(tx.init, sp),
+                     opd.optimizer_shardings(tx, sp))
+  step = _Step(
+      config, train_mesh, mesh, rules, s_cfg, t_cfg,
+      config_lib.rollout_config(config, eos, pad, vocab), config_lib.loss_config(config, vocab),
+      vocab, eos, pad, abstract_model(s_cfg, mesh, rules=rules),
+      abstract_model(t_cfg, mesh, attn_chunk=config.attn_chunk, scan_layers=scan, rules=rules),
+      (sgp, sp), tx, opt,
+      # Resident during the rollout: the optimizer state, and the training params when the
+      # rollout works on a copy of them in its own layout.
+      per_device_bytes((sp, opt) if tp else opt))
+  return step, shape, tp
+
+
+def _rollout_programs(st: _Step, report: Report, roofline: bool, compaction: bool):
+  """Prefill, the decode loop (full batch, and each compacted batch) and the roofline's
+  loop-free rollout pieces. Returns the loop state's abstract shapes (None: no prefill)."""
+  config, r_cfg, mesh = st.config, st.r_cfg, st.mesh
+  b, p = report.batch, config.max_prompt_len  # the longest prompt bucket a run can produce
+  one = NamedSharding(mesh, PartitionSpec())
+  (sg, sa), (tg, ta) = st.student, st.teacher
+  prompt_args = (_sds((b, p), jnp.int32, st.rows(b, p)), _sds((b,), jnp.int32, st.rows(b)),
+                 _sds((b,), jnp.bool_, st.rows(b)), _sds((), jax.random.key(0).dtype, one),
+                 _sds((), jnp.float32, one), _sds((), jnp.float32, one))
+  res, exe = _compile("rollout prefill", lambda: rollout.prefill.lower(
+      sg, sa, tg, ta, *prompt_args, cfg=r_cfg))
+  res.resident = st.train_state
+  report.results.append(res)
+  if exe is None:  # the later programs' shapes come from the prefill's
+    return None
+  if roofline:
+    report.costs["prefill"] = roofline_lib.program_cost(exe)
+  shapes = jax.eval_shape(lambda *a: rollout.prefill(*a, cfg=r_cfg), sg, sa, tg, ta,
+                          *prompt_args)
+  state = _with_shardings(shapes, exe.output_shardings, mesh)
+  res, _ = _compile(f"rollout decode loop (B={b})", lambda: rollout.decode_loop.lower(
+      sg, sa, tg, ta, state, _sds((), jnp.int32, one), cfg=r_cfg))
+  res.resident = st.train_state
+  if not res.error and sharding.batch_shards(mesh, st.rules) > 1:
+    res.findings = loop_findings(res.hlo, b, r_cfg.window, st.vocab,
+                                 (st.s_cfg.hidden_size, st.t_cfg.hidden_size),
+                                 min(st.s_cfg.num_layers, st.t_cfg.num_layers))
+  report.results.append(res)
+  if compaction:
+    for n in rollout.compaction_sizes(b, r_cfg.compact_multiple,
+                                      sharding.batch_shards(mesh, st.rules))[1:]:
+      small = jax.eval_shape(rollout.take_rows, state, _sds((n,), jnp.int32, one))
+      # The same layout with fewer rows (compaction sizes are multiples of the batch shards).
+      small = jax.tree.map(lambda x, full: _sds(x.shape, x.dtype, full.sharding), small, state)
+      piece, _ = _compile(f"rollout decode loop (B={n})", lambda: rollout.decode_loop.lower(
+          sg, sa, tg, ta, small, _sds((), jnp.int32, one), cfg=r_cfg))
+      piece.resident, piece.hlo = st.train_state, ""  # the text is only read for the full batch
+      report.results.append(piece)
+      jax.clear_caches()  # each lowering of an unrolled 8B model holds GiBs of host memory
+  if roofline:  # donated state: the caches update in place, as in the loop
+    one_step = jax.jit(_one_step, static_argnames=("s_graph", "cfg"), donate_argnames=("state",))
+    window = jax.jit(_one_window, static_argnames=("s_graph", "t_graph", "cfg"),
+                     donate_argnames=("state",))
+    for name, lower in (("student step", lambda: one_step.lower(sg, sa, state, cfg=r_cfg)),
+                        ("window", lambda: window.lower(sg, sa, tg, ta, state, cfg=r_cfg))):
+      piece, exe = _compile(name, lower)
+      if exe is None:
+        raise RuntimeError(f"the roofline's {name} program does not compile: {piece.error}")
+      report.costs[name] = roofline_lib.program_cost(exe)
+  return state
+
+
+def _eval_program(st: _Step, report: Report) -> None:
+  """Evaluation generation (student only, its own batch and lengths), in the rollout's layout;
+  the teacher stays loaded beside it."""
+  e = config_lib.eval_config(st.config)
+  eb, p = e.batch_size, st.config.max_prompt_len
+  sg, sa = st.student
+  key = _sds((), jax.random.key(0).dtype, NamedSharding(st.mesh, PartitionSpec()))
+  res, _ = _compile(f"eval generation (B={eb})", lambda: rollout.generate_jit.lower(
+      sg, sa, _sds((eb, p), jnp.int32, st.rows(eb, p)), _sds((eb,), jnp.int32, st.rows(eb)), key,
+      max_new_tokens=e.max_new_tokens, eos_ids=st.eos, pad_id=st.pad, vocab_size=st.vocab,
+      sampling=rollout.SamplingConfig(e.temperature, e.top_k, e.top_p)))
+  res.resident = st.train_state + per_device_bytes(st.teacher[1])
+  report.results.append(res)
+
+
+def _update_programs(st: _Step, report: Report, state, roofline: bool) -> None:
+  """The update at the full (untrimmed) length; with `roofline`, its loop-free cost piece."""
+  b, p, train_mesh = report.batch, st.config.max_prompt_len, st.train_mesh
+  probe = _sds((b,), jnp.bool_, st.rows(b))
+  fields = {f: getattr(state, f) for f in rollout.ROW_FIELDS}
+  out = jax.eval_shape(lambda r, k, q: rollout.finalize(r, k, q, cfg=st.r_cfg), fields,
+                       state.kat, probe)
+  (tg, ta), (sgp, sp) = st.teacher, st.train_student
+
+  def program(n_rows, cfg_loss, graph, params, t_graph=tg):
+    def sized(x):  # n_rows rows of a [B, ...] input, batch-sharded on the training mesh
+      return _sds((n_rows,) + x.shape[1:], x.dtype, sharding.batch_sharding(train_mesh, x.ndim))
+
+    return lambda: opd.update.lower(
+        graph, params, t_graph, ta, st.opt, sized(_sds((b, p), jnp.int32, None)),
+        sized(_sds((b,), jnp.int32, None)), jax.tree.map(sized, out), tx=st.tx, cfg=cfg_loss,
+        batch_shards=sharding.batch_shards(train_mesh))
+
+  res, _ = _compile("update (full length)", program(b, st.loss_cfg, sgp, sp))
+  if st.loss_cfg.objective == "sampled_pg":  # the teacher is not an argument (XLA drops it)
+    res.resident = per_device_bytes(ta)
+  report.results.append(res)
+  if roofline:
+    # One row per device, no micro-batch loop, no attention / loss chunk loops, no scan over
+    # layers: every op counted once is every op run once (cost_analysis counts a loop body
+    # once); the update costs batch / that many rows of it.
+    n = sharding.batch_shards(train_mesh)
+    flat_g, flat_p = abstract_model(st.s_cfg, train_mesh, remat=st.config.remat,
+                                    params_only=True)
+    flat_t = abstract_model(st.t_cfg, st.mesh, rules=st.rules)[0]
+    piece, exe = _compile("update cost", program(
+        n, dataclasses.replace(st.loss_cfg, microbatches=1, chunk=0), flat_g, flat_p, flat_t))
+    if exe is None:
+      raise RuntimeError(f"the roofline's update program does not compile: {piece.error}")
+    report.costs["update"] = roofline_lib.program_cost(exe) * (b / n)
 
 
 def check(config, topology: str | None, mesh_shape=None, rollout_tensor=None, update=True,
-          roofline=False, compaction=False, devices=None) -> Report:
-  """Compiles prefill, decode loop and update of `config` for `topology`.
+          roofline=False, compaction=False, devices=None, evaluation=True) -> Report:
+  """Compiles prefill, decode loop, eval generation and update of `config` for `topology`.
 
   rollout_tensor: None = the config's `mesh.rollout_tensor`. roofline: also compile the
   loop-free pieces the roofline needs (one student step, one window, an update of one row per
@@ -218,125 +387,16 @@ def check(config, topology: str | None, mesh_shape=None, rollout_tensor=None, up
   loop at every smaller batch the rollout compacts to (rollout.compaction_sizes).
   """
   devices = topology_devices(topology) if devices is None else devices
-  m = config.mesh
-  shape = mesh_shape or sharding.mesh_shape(m.data, m.fsdp, m.tensor, len(devices))
-  mesh = sharding.make_mesh(shape, devices=devices)
-  # The run's default: bf16 on accelerators, fp32 on CPU (hf.load).
-  dtype = config.dtype or ("float32" if devices[0].platform == "cpu" else "bfloat16")
-  s_cfg = memory.model_config(config.student, dtype)
-  t_cfg = memory.model_config(config.teacher, dtype)
-  tp = sharding.resolve_rollout_tensor(
-      m.get("rollout_tensor", 0) if rollout_tensor is None else rollout_tensor, mesh,
-      (s_cfg, t_cfg))
-  train_mesh = mesh
-  rules = sharding.DEFAULT_RULES
-  if tp > 1:  # the rollout (and the teacher everywhere) in the tensor-parallel layout
-    mesh, rules = sharding.rollout_mesh(mesh, tp), sharding.ROLLOUT_RULES
-  else:
-    tp = 0
-  vocab = min(s_cfg.vocab_size, t_cfg.vocab_size)
-  eos = tuple(s_cfg.eos_token_ids)
-  pad = s_cfg.pad_token_id if s_cfg.pad_token_id is not None else eos[0]
-  r_cfg = config_lib.rollout_config(config, eos, pad, vocab)
-  b = config.prompts_per_step * config.samples_per_prompt
-  p = config.max_prompt_len  # the longest prompt bucket a run can produce
-  report = Report([], shape, tp, b, r_cfg.max_new_tokens, r_cfg.window)
-  rows = lambda *s: sharding.batch_sharding(mesh, len(s))  # noqa: E731
-  one = NamedSharding(mesh, PartitionSpec())
-  sg, sa = abstract_model(s_cfg, mesh, rules=rules)
-  tg, ta = abstract_model(t_cfg, mesh, attn_chunk=config.attn_chunk, rules=rules)
-  prompt = _sds((b, p), jnp.int32, rows(b, p))
-  start, probe = _sds((b,), jnp.int32, rows(b)), _sds((b,), jnp.bool_, rows(b))
-  key = _sds((), jax.random.key(0).dtype, one)
-  scalar = _sds((), jnp.float32, one)
-  # The training state (train layout): student params and optimizer state.
-  sgp, sp = abstract_model(s_cfg, train_mesh, remat=config.remat, attn_chunk=config.attn_chunk,
-                           params_only=True)
-  tx = opd.make_optimizer(opd.OptimConfig(**config.optim))
-  opt = jax.tree.map(lambda x, w: _sds(x.shape, x.dtype, w), jax.eval_shape(tx.init, sp),
-                     opd.optimizer_shardings(tx, sp))
-  # Resident during the rollout: the optimizer state, and the training params when the rollout
-  # works on a copy of them in its own layout.
-  train_state = per_device_bytes((sp, opt) if tp else opt)
-  loss_cfg = config_lib.loss_config(config, vocab)
-  res, exe = _compile("rollout prefill", lambda: rollout._prefill.lower(
-      sg, sa, tg, ta, prompt, start, probe, key, scalar, scalar, cfg=r_cfg))
-  res.resident = train_state
-  report.results.append(res)
-  if exe is None:  # the later programs' shapes come from the prefill's
+  st, shape, tp = _step(config, devices, mesh_shape, rollout_tensor)
+  report = Report([], shape, tp, config.prompts_per_step * config.samples_per_prompt,
+                  st.r_cfg.max_new_tokens, st.r_cfg.window)
+  state = _rollout_programs(st, report, roofline, compaction)
+  if state is None:
     return report
-  if roofline:
-    report.costs["prefill"] = roofline_lib.program_cost(exe)
-  shapes = jax.eval_shape(lambda *a: rollout._prefill(*a, cfg=r_cfg), sg, sa, tg, ta, prompt,
-                          start, probe, key, scalar, scalar)
-  state = _with_shardings(shapes, exe.output_shardings, mesh)
-  res, _ = _compile(f"rollout decode loop (B={b})", lambda: rollout._decode_loop.lower(
-      sg, sa, tg, ta, state, _sds((), jnp.int32, one), cfg=r_cfg))
-  res.resident = train_state
-  if not res.error and sharding.batch_shards(mesh, rules) > 1:
-    res.findings = loop_findings(res.hlo, b, r_cfg.window, vocab,
-                                 (s_cfg.hidden_size, t_cfg.hidden_size),
-                                 min(s_cfg.num_layers, t_cfg.num_layers))
-  report.results.append(res)
-  if compaction:
-    for n in rollout.compaction_sizes(b, r_cfg.compact_multiple,
-                                      sharding.batch_shards(mesh, rules))[1:]:
-      small = jax.eval_shape(rollout._take_rows, state, _sds((n,), jnp.int32, one))
-      # The same layout with fewer rows (compaction sizes are multiples of the batch shards).
-      small = jax.tree.map(lambda x, full: _sds(x.shape, x.dtype, full.sharding), small, state)
-      piece, _ = _compile(f"rollout decode loop (B={n})", lambda: rollout._decode_loop.lower(
-          sg, sa, tg, ta, small, _sds((), jnp.int32, one), cfg=r_cfg))
-      piece.resident, piece.hlo = train_state, ""  # the text is only read for the full batch
-      report.results.append(piece)
-      jax.clear_caches()  # each lowering of an unrolled 8B model holds GiBs of host memory
-  if roofline:  # donated state: the caches update in place, as in the loop
-    step = jax.jit(_one_step, static_argnames=("s_graph", "cfg"), donate_argnames=("state",))
-    window = jax.jit(_one_window, static_argnames=("s_graph", "t_graph", "cfg"),
-                     donate_argnames=("state",))
-    for name, lower in (("student step", lambda: step.lower(sg, sa, state, cfg=r_cfg)),
-                        ("window", lambda: window.lower(sg, sa, tg, ta, state, cfg=r_cfg))):
-      piece, exe = _compile(name, lower)
-      if exe is None:
-        raise RuntimeError(f"the roofline's {name} program does not compile: {piece.error}")
-      report.costs[name] = roofline_lib.program_cost(exe)
-  # Evaluation generation (student only, its own batch and lengths), in the rollout's layout.
-  e = config_lib.eval_config(config)
-  eb = e.batch_size
-  res, _ = _compile(f"eval generation (B={eb})", lambda: rollout._generate.lower(
-      sg, sa, _sds((eb, p), jnp.int32, rows(eb, p)), _sds((eb,), jnp.int32, rows(eb)), key,
-      max_new_tokens=e.max_new_tokens, eos_ids=eos, pad_id=pad, vocab_size=vocab,
-      sampling=rollout.SamplingConfig(e.temperature, e.top_k, e.top_p)))
-  res.resident = train_state + per_device_bytes(ta)  # the teacher stays loaded in a run
-  report.results.append(res)
-  fields = {f: getattr(state, f) for f in rollout._ROW_FIELDS}
-  out = jax.eval_shape(lambda r, k, q: rollout._finalize(r, k, q, cfg=r_cfg), fields,
-                       state.kat, probe)
-  if not update:
-    return report
-
-  def update_program(n_rows, cfg_loss, graph, params):
-    def sized(x):  # n_rows rows of a [B, ...] input, batch-sharded on the training mesh
-      return _sds((n_rows,) + x.shape[1:], x.dtype,
-                  sharding.batch_sharding(train_mesh, x.ndim))
-
-    return lambda: opd.update.lower(
-        graph, params, tg, ta, opt, sized(prompt), sized(start), jax.tree.map(sized, out),
-        tx=tx, cfg=cfg_loss, batch_shards=sharding.batch_shards(train_mesh))
-
-  res, _ = _compile("update (full length)", update_program(b, loss_cfg, sgp, sp))
-  if loss_cfg.objective == "sampled_pg":  # the teacher is not an argument (XLA drops it)
-    res.resident = per_device_bytes(ta)
-  report.results.append(res)
-  if roofline:
-    # One row per device, no micro-batch loop, no attention / loss chunk loops: every op
-    # counted once is every op run once; the update costs batch / that many rows of it.
-    n = sharding.batch_shards(train_mesh)
-    flat_g, flat_p = abstract_model(s_cfg, train_mesh, remat=config.remat, params_only=True)
-    piece, exe = _compile("update cost", update_program(
-        n, dataclasses.replace(loss_cfg, microbatches=1, chunk=0), flat_g, flat_p))
-    if exe is None:
-      raise RuntimeError(f"the roofline's update program does not compile: {piece.error}")
-    report.costs["update"] = roofline_lib.program_cost(exe) * (b / n)
+  if evaluation:
+    _eval_program(st, report)
+  if update:
+    _update_programs(st, report, state, roofline)
   return report
 
 
@@ -377,15 +437,16 @@ def table(results: list[Compiled], plan, hbm: float | None) -> str:
   lines = [f"{'program':<30} {'compile':>8} {'args':>7} {'out':>7} {'temp':>7} {'alias':>7} "
            f"{'code':>7} {'total':>7} {'+state':>7} {'peak':>7}  plan"]
   for r in results:
-    phase = 0.0 if plan is None else (plan.update_phase if r.name.startswith("update")
-                                      else plan.rollout_phase)
+    # The plan has a rollout and an update phase; evaluation is neither (it is smaller).
+    phase = None if plan is None or r.name.startswith("eval") else (
+        plan.update_phase if r.name.startswith("update") else plan.rollout_phase)
     if r.error:
       lines.append(f"{r.name:<30} {r.seconds:7.1f}s  does not compile: {r.error}")
       continue
     fit = "" if hbm is None else f"  ({r.peak / hbm:.0%} of {hbm / GiB:.2f} GiB)"
     lines.append(f"{r.name:<30} {r.seconds:7.1f}s {g(r.argument)} {g(r.output)} {g(r.temp)} "
                  f"{g(r.alias)} {g(r.code)} {g(r.total)} {g(r.resident)} {g(r.peak)} "
-                 f"{g(phase) if plan is not None else '      -'}{fit}")
+                 f"{g(phase) if phase is not None else '      -'}{fit}")
   for r in results:
     for f in r.findings:
       lines.append(f"LAYOUT PROBLEM in {r.name}: {f}")

@@ -20,7 +20,13 @@ Every item is bytes per device on a (data, fsdp, tensor) mesh:
                 (B*H*S^2), of the MLP hidden (B*S*I) and of the residual stream (B*S*E), plus ~3
                 copies of the student's [B, T, V] logits (and the teacher's logits for the
                 full-vocabulary objectives). The copy counts were fitted to XLA's compiled memory
-                analysis (tests check the plan stays within 20% of it on small configs).
+                analysis (tests check the plan stays within 20% of it on small configs);
+  LM head       with FSDP (embed sharded), the update gathers the [V, E] head / embedding to
+                every device (one compute-dtype copy alive at a time) and forms its full fp32
+                gradient before reduce-scattering it: V x E x (compute bytes + 4), read off
+                XLA:TPU's memory report of Qwen3-1.7B on v5e:4x4 (1.16 GiB f32 + 0.58 GiB bf16
+                of its 3.9 GiB of temporaries);
+  stacked layers with scan_layers, the scan's [L, ...] copy of the layer params and its gradient.
 The peak is params + optimizer + max(rollout phase, update phase).
 """
 
@@ -119,7 +125,7 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
          param_bytes_t: int = 4, compute_bytes: int = 4, objective: str = "sampled_pg",
          remat: bool = False, microbatches: int = 1, loss_chunk: int = 0, attn_chunk: int = 0,
          accumulation_steps: int = 1, rollout_tensor_parallel: int = 0,
-         device_memory: float | None = None) -> Plan:
+         scan_layers: bool = False, device_memory: float | None = None) -> Plan:
   """rollout_tensor_parallel: the rollout's tensor-parallel degree (resolved, as
   sharding.resolve_rollout_tensor gives it); 0 = the rollout in the training layout."""
   data, fsdp, tensor = mesh_shape
@@ -166,11 +172,18 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
   # Micro-batches run one after another: one chunk's activations live at a time (each chunk's
   # gradient is added into the running sum in place).
   items["activations (update)"] = (layers + logits) / microbatches
+  if fsdp > 1 and e % fsdp == 0:  # see the module docstring (LM head)
+    items["LM head gathered (update)"] = _split(c.vocab_size, tensor) * e * (compute_bytes + 4)
+  if scan_layers:  # everything but the embedding / head / final norm is in the stack
+    head = c.vocab_size * e * param_bytes_s * (1 if c.tie_embeddings else 2) / (fsdp * tensor)
+    items["stacked layers (scan)"] = 2 * (items["student params"] - head)
   batch_in = b * (prompt_len + 8 * t) * 4  # prompts and the rollout's per-token outputs
   resident = items["student params"] + items["teacher params"] + items["optimizer (AdamW)"]
   rollout_phase = (items["student kv cache"] + items["teacher kv cache"] + items["rollout buffers"]
                    + items.get("student params (rollout copy)", 0.0))
-  update_phase = items["gradients"] + items["activations (update)"] + batch_in
+  update_phase = (items["gradients"] + items["activations (update)"] + batch_in
+                  + items.get("LM head gathered (update)", 0.0)
+                  + items.get("stacked layers (scan)", 0.0))
   peak = resident + max(rollout_phase, update_phase)
   return Plan(tuple(mesh_shape), items, resident + rollout_phase, resident + update_phase, peak,
               device_memory)
@@ -241,7 +254,7 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
               microbatches=microbatches, loss_chunk=config.loss.chunk,
               attn_chunk=config.attn_chunk,
               accumulation_steps=config.optim.accumulation_steps, rollout_tensor_parallel=tp,
-              device_memory=device_memory)
+              scan_layers=config.get("scan_layers", False), device_memory=device_memory)
 
 
 def plans(config, n_devices: int, device_memory: float | None, accelerator: bool):

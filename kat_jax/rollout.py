@@ -201,8 +201,10 @@ def _last_logits(model: Transformer, tokens_BxP, cache: KVCache, vocab: int):
 
 
 @functools.partial(jax.jit, static_argnames=("s_graph", "t_graph", "cfg"))
-def _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP, start_B, probe_B, key, tau,
-             spike_tau, *, cfg: RolloutConfig) -> RolloutState:
+def prefill(s_graph, s_params, t_graph, t_params, prompt_BxP, start_B, probe_B, key, tau,
+            spike_tau, *, cfg: RolloutConfig) -> RolloutState:
+  """Both models' prompt forwards (fresh caches) and the loop's initial state: the program
+  `rollout` runs first (also compiled on its own by kat_jax.aot)."""
   student, teacher = nnx.merge(s_graph, s_params), nnx.merge(t_graph, t_params)
   b, p = prompt_BxP.shape
   t = cfg.buffer_len
@@ -224,7 +226,7 @@ def _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP, start_B, probe_B,
       tau=jnp.asarray(tau, jnp.float32), spike_tau=jnp.asarray(spike_tau, jnp.float32))
 
 
-def _sample_step(student: Transformer, state: RolloutState, carry, i, cfg: RolloutConfig):
+def sample_step(student: Transformer, state: RolloutState, carry, i, cfg: RolloutConfig):
   """Token `state.step + i` of every row: sample from the carried logits, one student decode
   step. carry = (s_next_BxV, s_cache, length_B, eos_B, done_B)."""
   s_next_BxV, cache, length_B, eos_B, done_B = carry
@@ -243,14 +245,14 @@ def _sample_step(student: Transformer, state: RolloutState, carry, i, cfg: Rollo
       tok_B, logp_b_B, kept)
 
 
-def _window(student: Transformer, teacher: Transformer, state: RolloutState,
-            cfg: RolloutConfig) -> RolloutState:
+def window_step(student: Transformer, teacher: Transformer, state: RolloutState,
+                cfg: RolloutConfig) -> RolloutState:
   """One loop iteration: W student samples, one teacher chunk, per-token signals, KAT."""
   w, v = cfg.window, cfg.vocab_size
   start = state.step
   carry = (state.s_next_BxV, state.s_cache, state.length_B, state.eos_B, state.done_B)
   (s_next, s_cache, length_B, eos_B, done_B), (tok_WxB, logp_b_WxB, s_dist_WxBxV) = jax.lax.scan(
-      lambda c, i: _sample_step(student, state, c, i, cfg), carry, jnp.arange(w, dtype=jnp.int32))
+      lambda c, i: sample_step(student, state, c, i, cfg), carry, jnp.arange(w, dtype=jnp.int32))
   tokens_BxW = tok_WxB.T
 
   # Teacher: one chunk forward over the window. Its predictions for tokens 2..W come from this
@@ -296,8 +298,8 @@ def _window(student: Transformer, teacher: Transformer, state: RolloutState,
 
 
 @functools.partial(jax.jit, static_argnames=("s_graph", "t_graph", "cfg"), donate_argnames=("state",))
-def _decode_loop(s_graph, s_params, t_graph, t_params, state: RolloutState, min_live, *,
-                 cfg: RolloutConfig) -> RolloutState:
+def decode_loop(s_graph, s_params, t_graph, t_params, state: RolloutState, min_live, *,
+                cfg: RolloutConfig) -> RolloutState:
   """Runs windows until every row is done, or until at most `min_live` rows are live."""
   student, teacher = nnx.merge(s_graph, s_params), nnx.merge(t_graph, t_params)
 
@@ -305,15 +307,15 @@ def _decode_loop(s_graph, s_params, t_graph, t_params, state: RolloutState, min_
     live = jnp.sum(~state.done_B)
     return (state.step < cfg.buffer_len) & (live > 0) & (live > min_live)
 
-  return jax.lax.while_loop(cond, lambda s: _window(student, teacher, s, cfg), state)
+  return jax.lax.while_loop(cond, lambda s: window_step(student, teacher, s, cfg), state)
 
 
-_ROW_FIELDS = ("tokens_BxT", "logp_student_BxT", "logp_teacher_BxT", "logp_behavior_BxT",
+ROW_FIELDS = ("tokens_BxT", "logp_student_BxT", "logp_teacher_BxT", "logp_behavior_BxT",
                "kl_BxT", "window_mean_BxN", "window_complete_BxN", "length_B", "eos_B")
 
 
 @jax.jit
-def _take_rows(state: RolloutState, idx_N) -> RolloutState:
+def take_rows(state: RolloutState, idx_N) -> RolloutState:
   """The rows `idx_N` of every per-row array in the state (caches included)."""
   def take(x):
     return jnp.take(x, idx_N, axis=0) if x.ndim >= 1 else x
@@ -329,7 +331,7 @@ def _take_rows(state: RolloutState, idx_N) -> RolloutState:
 @functools.partial(jax.jit, donate_argnames=("parked",))
 def _park_rows(parked: dict, state: RolloutState) -> dict:
   """Writes the state's rows into the full-batch result buffers at their original row ids."""
-  out = {f: parked[f].at[state.row_id_B].set(getattr(state, f)) for f in _ROW_FIELDS}
+  out = {f: parked[f].at[state.row_id_B].set(getattr(state, f)) for f in ROW_FIELDS}
   out["kat"] = jax.tree.map(lambda p, x: p.at[state.row_id_B].set(x), parked["kat"], state.kat)
   return out
 
@@ -379,7 +381,7 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
     if not isinstance(probe_B, jax.Array):  # a host mask: each process places its own rows
       probe_B = put_batch(np.asarray(probe_B, bool), where.mesh)
   probe_B = jnp.asarray(probe_B, jnp.bool_)
-  state = _prefill(s_graph, s_params, t_graph, t_params, prompt_BxP,
+  state = prefill(s_graph, s_params, t_graph, t_params, prompt_BxP,
                    jnp.asarray(start_B, jnp.int32), probe_B, key, tau, spike_tau, cfg=cfg)
   sizes = compaction_sizes(b, cfg.compact_multiple, batch_multiple)
   parked = None
@@ -387,7 +389,7 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
     size = state.done_B.shape[0]
     smaller = [s for s in sizes if s < size]
     min_live = smaller[0] if smaller else 0
-    state = _decode_loop(s_graph, s_params, t_graph, t_params, state, jnp.int32(min_live),
+    state = decode_loop(s_graph, s_params, t_graph, t_params, state, jnp.int32(min_live),
                          cfg=cfg)
     # One host read per loop exit; every process takes the same compaction decision.
     done, step = to_host((state.done_B, state.step))
@@ -399,25 +401,26 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
     # with the live rows in the smallest bucket that holds them, padded with finished rows.
     if parked is None:
       full = lambda x: jnp.zeros((b,) + x.shape[1:], x.dtype)  # noqa: E731
-      parked = {f: full(getattr(state, f)) for f in _ROW_FIELDS}
+      parked = {f: full(getattr(state, f)) for f in ROW_FIELDS}
       parked["kat"] = jax.tree.map(full, state.kat)
     parked = _park_rows(parked, state)
     new_size = min(s for s in sizes if s >= live)
     order = np.concatenate([np.flatnonzero(~done), np.flatnonzero(done)])[:new_size]
-    state = _take_rows(state, jnp.asarray(order, jnp.int32))
+    state = take_rows(state, jnp.asarray(order, jnp.int32))
   if parked is not None:
     parked = _park_rows(parked, state)
-    rows = {f: parked[f] for f in _ROW_FIELDS}
+    rows = {f: parked[f] for f in ROW_FIELDS}
     kat_state = parked["kat"]
   else:
-    rows = {f: getattr(state, f) for f in _ROW_FIELDS}
+    rows = {f: getattr(state, f) for f in ROW_FIELDS}
     kat_state = state.kat
-  return _finalize(rows, kat_state, probe_B, cfg=cfg)
+  return finalize(rows, kat_state, probe_B, cfg=cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _finalize(rows: dict, kat_state: kat_lib.KATState, probe_B, *, cfg: RolloutConfig
-              ) -> RolloutResult:
+def finalize(rows: dict, kat_state: kat_lib.KATState, probe_B, *, cfg: RolloutConfig
+             ) -> RolloutResult:
+  """The per-row buffers and KAT state as the RolloutResult the update trains on."""
   trained = kat_lib.trained_length(kat_state, rows["length_B"], cfg.kat)
   t = rows["tokens_BxT"].shape[1]
   return RolloutResult(
@@ -433,8 +436,9 @@ def _finalize(rows: dict, kat_state: kat_lib.KATState, probe_B, *, cfg: RolloutC
 
 @functools.partial(jax.jit, static_argnames=("graph", "max_new_tokens", "eos_ids", "pad_id",
                                              "vocab_size", "sampling"))
-def _generate(graph, params, prompt_BxP, start_B, key, *, max_new_tokens, eos_ids, pad_id,
-              vocab_size, sampling):
+def generate_jit(graph, params, prompt_BxP, start_B, key, *, max_new_tokens, eos_ids, pad_id,
+                 vocab_size, sampling):
+  """`generate` on a split model: the compiled program evaluation runs."""
   model = nnx.merge(graph, params)
   b, p = prompt_BxP.shape
   cache = model.init_cache(b, p + max_new_tokens, start_B)
@@ -474,7 +478,7 @@ def generate(model: Transformer, prompt_BxP, start_B, key, *, max_new_tokens: in
   vocab_size = vocab_size or model.cfg.vocab_size
   check_top_k(sampling, vocab_size, "eval")
   graph, params = nnx.split(model)
-  return _generate(graph, params, jnp.asarray(prompt_BxP, jnp.int32),
+  return generate_jit(graph, params, jnp.asarray(prompt_BxP, jnp.int32),
                    jnp.asarray(start_B, jnp.int32), key, max_new_tokens=max_new_tokens,
                    eos_ids=tuple(eos_ids), pad_id=pad_id,
                    vocab_size=vocab_size, sampling=sampling)

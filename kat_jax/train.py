@@ -109,10 +109,11 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   # serves its scoring in the update.
   student, s_cfg = hf.load(config.student, dtype=dtype, mesh=mesh)
   student.remat, student.attn_chunk = config.remat, config.attn_chunk
+  student.scan_layers = config.scan_layers
   tokenizer = _tokenizer(Path(config.student))
   if with_teacher:
     teacher, _ = hf.load(config.teacher, dtype=dtype, mesh=r_mesh, rules=r_rules)
-    teacher.attn_chunk = config.attn_chunk
+    teacher.attn_chunk, teacher.scan_layers = config.attn_chunk, config.scan_layers
     vocab_size, eos_ids = compat.vocab_size, compat.eos_token_ids
   else:
     # Sample only ids the tokenizer has (checkpoints often pad the embedding past it).

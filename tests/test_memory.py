@@ -39,9 +39,9 @@ def _compiled(s_cfg, t_cfg, batch, prompt, new, window, objective, mesh=None, mi
   probe = jnp.zeros((batch,), bool)
   if mesh is not None:
     probe = sharding.put_batch(np.zeros((batch,), bool), r_mesh)
-  state = rollout._prefill(sg, sp, tg, tp, p, start, probe, jax.random.key(0), 0.0,
+  state = rollout.prefill(sg, sp, tg, tp, p, start, probe, jax.random.key(0), 0.0,
                            float("inf"), cfg=cfg)
-  loop = rollout._decode_loop.lower(sg, sp, tg, tp, state, jnp.int32(0),
+  loop = rollout.decode_loop.lower(sg, sp, tg, tp, state, jnp.int32(0),
                                     cfg=cfg).compile().memory_analysis()
   res = rollout.rollout(s_r, t, p, start, jax.random.key(0), cfg)
   if mesh is not None:

@@ -98,6 +98,39 @@ def test_microbatched_and_chunked_update_equals_the_full_batch():
   assert res.terminated_B.any()  # KAT-cut rows are part of the split batch
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_scan_over_layers_equals_the_unrolled_update(remat):
+  """scan_layers (one compiled block, params stacked over layers) changes compile time only:
+  the same loss, gradient and new params as the unrolled layers, with remat and query chunks,
+  for the student's backward and the teacher's scoring forward."""
+  from kat_jax.models import ModelConfig, Transformer
+  cfg = ModelConfig(family="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
+                    num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+                    tie_embeddings=False, eos_token_ids=(63,))
+  s, t = Transformer(cfg, rngs=nnx.Rngs(0)), Transformer(cfg, rngs=nnx.Rngs(1))
+  prompt = jax.random.randint(jax.random.key(0), (4, 6), 1, 60)
+  start = jax.numpy.array([0, 1, 2, 0])
+  rcfg = rollout.RolloutConfig(max_new_tokens=8, eos_ids=(63,), pad_id=0, vocab_size=64)
+  res = rollout.rollout(s, t, prompt, start, jax.random.key(1), rcfg, tau=2.0)
+  tx = optax.sgd(1.0)  # new params = params - gradient
+  lc = opd.LossConfig(objective="reverse_kl", vocab_size=64)
+  out = {}
+  for scan in (False, True):
+    for m in (s, t):
+      m.attn_chunk, m.scan_layers = 5, scan
+    s.remat = remat  # the student's backward (train sets remat on the student only)
+    sg, sp = nnx.split(s, nnx.Param)
+    tg, tp = nnx.split(t)
+    params, _, metrics = opd.update(sg, jax.tree.map(lambda x: x.copy(), sp), tg, tp,
+                                    tx.init(sp), prompt, start, res, tx=tx, cfg=lc)
+    out[scan] = jax.device_get(params), float(metrics["loss"]), float(metrics["grad_norm"])
+  np.testing.assert_allclose(out[True][1], out[False][1], rtol=1e-5)
+  np.testing.assert_allclose(out[True][2], out[False][2], rtol=1e-5)
+  assert out[False][2] > 0
+  for a, b in zip(jax.tree.leaves(out[True][0]), jax.tree.leaves(out[False][0])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_auto_microbatches_pick_the_smallest_cache_sized_chunks():
   """loss.microbatches=0: on CPU the most row chunks whose per-device rows still hold
   CPU_MICROBATCH_TOKENS tokens (the same rows from every batch shard); 1 on GPU / TPU; an

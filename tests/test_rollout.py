@@ -260,10 +260,10 @@ def test_ablation_modes(models):
 def test_no_recompile_within_a_prompt_bucket(models):
   cfg = _cfg(kat={"mode": "none"}, max_new_tokens=8)
   _run(models, cfg, prompts=[[5, 6, 7]] * 8)
-  sizes = rollout._prefill._cache_size(), rollout._decode_loop._cache_size()
+  sizes = rollout.prefill._cache_size(), rollout.decode_loop._cache_size()
   assert rollout.bucket_length(3) == rollout.bucket_length(7) == 8
   res = _run(models, cfg, prompts=[[5, 6, 7, 8, 9, 10, 11]] * 4 + [[1]] * 4)
-  assert (rollout._prefill._cache_size(), rollout._decode_loop._cache_size()) == sizes
+  assert (rollout.prefill._cache_size(), rollout.decode_loop._cache_size()) == sizes
   assert res.length_B.min() >= 1
 
 
