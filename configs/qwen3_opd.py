@@ -12,8 +12,11 @@ Run on every worker of a TPU slice (see README "TPU pods"):
   bash launch/tpu.sh run NAME ZONE -- --config configs/qwen3_opd.py --workdir /mnt/kat \
       --config.student=/mnt/models/Qwen3-1.7B --config.teacher=/mnt/models/Qwen3-8B \
       --config.data.path=/mnt/data/deepmath.jsonl
-Expected: depends on the slice; the training step is dominated by the 8B teacher's scoring of
-128 rollouts x up to 4096 tokens. Checkpoints every 50 steps; rerunning resumes.
+TPU compile check and roofline, on any CPU host with libtpu (README "TPU"; ~10 min):
+  python -m kat_jax.aot --config configs/qwen3_opd.py --topology v5e:4x4 --roofline
+Expected (that roofline, every row generating all 4096 tokens, so an upper bound): ~53 s per step
+on 16 v5e chips, ~38 s on 16 v4, ~17 s on 16 v5p, ~26 s on 16 v6e; per-device peak 84% of a
+v5e's HBM (the rollout prefill). Checkpoints every 50 steps; rerunning resumes.
 """
 
 from kat_jax.config import defaults
@@ -47,12 +50,12 @@ def get_config(arg=None):
   c.threshold.warmup_steps = 5
   # Memory: the update's rows one at a time per device (128 rows / 16 devices / 8 micro-batches),
   # attention over 512 queries and the LM head + loss over 256 positions at a time, each block
-  # rematerialised in the backward pass. From the TPU compiler (python -m kat_jax.aot, README
-  # "TPU"): on v5e:4x4 without remat the update's peak is 15.70 of 15.75 GiB (the 8B teacher stays
-  # resident beside it), with it 12.13 GiB; on v4:2x2x2 (8 chips, 2 rows per chunk) loss chunks
-  # of 512 peak at 91% of HBM, of 256 at 87%.
+  # rematerialised in the backward pass, the blocks as one scan. From the TPU compiler (python -m
+  # kat_jax.aot, README "TPU"), the update's peak on v5e:4x4 with the 8B teacher resident beside
+  # it: 15.70 of 15.75 GiB unrolled without remat, 12.13 with remat, 6.50 (41%) scanned with remat
+  # (FSDP then gathers one layer's weights at a time; compile 225 -> 72 s).
   c.remat = True
-  c.scan_layers = True  # one compiled block: update compile 225 -> 78 s, peak 12.1 -> 6.5 GiB
+  c.scan_layers = True
   c.attn_chunk = 512  # query chunks in the update's forward: no [H, S, S] scores
   c.loss.microbatches = 8
   c.loss.chunk = 256

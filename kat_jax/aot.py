@@ -437,8 +437,11 @@ def table(results: list[Compiled], plan, hbm: float | None) -> str:
   lines = [f"{'program':<30} {'compile':>8} {'args':>7} {'out':>7} {'temp':>7} {'alias':>7} "
            f"{'code':>7} {'total':>7} {'+state':>7} {'peak':>7}  plan"]
   for r in results:
-    # The plan has a rollout and an update phase; evaluation is neither (it is smaller).
-    phase = None if plan is None or r.name.startswith("eval") else (
+    # The plan has a rollout phase (the full batch) and an update phase; evaluation and the
+    # compacted loops are neither (they are smaller).
+    compacted = r.name.startswith("rollout decode loop") and any(
+        q.name.startswith("rollout decode loop") for q in results[:results.index(r)])
+    phase = None if plan is None or r.name.startswith("eval") or compacted else (
         plan.update_phase if r.name.startswith("update") else plan.rollout_phase)
     if r.error:
       lines.append(f"{r.name:<30} {r.seconds:7.1f}s  does not compile: {r.error}")

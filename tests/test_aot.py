@@ -12,13 +12,19 @@ from train_fixtures import make_models, tiny_config
 pytest.importorskip("libtpu")
 
 
-def test_a_tiny_pairs_step_compiles_for_a_tpu_topology(tmp_path):
-  """Prefill, decode loop and update of a tiny bf16 pair compile for v5e:2x2 (4 chips) in
-  seconds; the decode loop updates its donated state -- the KV caches -- in place."""
-  student, teacher = make_models(tmp_path)
+@pytest.fixture(scope="module")
+def tiny_step(tmp_path_factory):
+  """(config, report): a tiny bf16 pair's step compiled for v5e:2x2, shared by two tests."""
+  student, teacher = make_models(tmp_path_factory.mktemp("models"))
   cfg = tiny_config(student, teacher)
   cfg.dtype = "bfloat16"
-  report = aot.check(cfg, "v5e:2x2")
+  return cfg, aot.check(cfg, "v5e:2x2")
+
+
+def test_a_tiny_pairs_step_compiles_for_a_tpu_topology(tiny_step):
+  """Prefill, decode loop and update of a tiny bf16 pair compile for v5e:2x2 (4 chips) in
+  seconds; the decode loop updates its donated state -- the KV caches -- in place."""
+  cfg, report = tiny_step
   results, shape = report.results, report.mesh_shape
   assert shape == (4, 1, 1) and report.rollout_tensor == 0  # the batch over 4 chips: no split
   by_name = {r.name.split(" (")[0]: r for r in results}
@@ -85,11 +91,8 @@ def test_compacted_decode_loops_compile_smaller(tmp_path):
   assert half.alias == pytest.approx(full.alias / 2, rel=0.1)
 
 
-def test_a_run_that_cannot_fit_is_refused_with_the_program_and_knobs(tmp_path):
-  student, teacher = make_models(tmp_path)
-  cfg = tiny_config(student, teacher)
-  cfg.dtype = "bfloat16"
-  report = aot.check(cfg, "v5e:2x2")
+def test_a_run_that_cannot_fit_is_refused_with_the_program_and_knobs(tiny_step):
+  cfg, report = tiny_step
   biggest = max(report.results, key=lambda r: r.peak)
   aot.refuse_if_too_big(report, biggest.peak / 0.89, cfg)  # everything within 90%: no error
   with pytest.raises(ConfigError, match=rf"the {re.escape(biggest.name)} program needs .* GiB "
