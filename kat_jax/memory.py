@@ -33,6 +33,7 @@ The peak is params + optimizer + max(rollout phase, update phase).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 
 import numpy as np
@@ -79,17 +80,26 @@ def _fake_mesh(shape):
   return types.SimpleNamespace(shape=dict(zip(("data", "fsdp", "tensor"), shape)))
 
 
-def param_bytes(cfg: ModelConfig, mesh_shape, dtype_bytes: int, rules=DEFAULT_RULES) -> float:
-  """Per-device bytes of a model's params on the mesh (exact: logical names of each tensor)."""
+@functools.lru_cache(maxsize=32)
+def _param_shapes(cfg: ModelConfig) -> tuple:
+  """(shape, logical names) of every param: one abstract build per architecture (a plan tries
+  every mesh; building Qwen3-8B abstractly takes ~1 s)."""
   from flax import nnx
 
   from kat_jax.models import Transformer
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  mesh = _fake_mesh(mesh_shape)
-  total = 0.0
+  out = []
   for var in jax_leaves(nnx.state(abstract)):
     shape = var.get_value().shape
-    names = var.get_metadata().get("out_sharding") or (None,) * len(shape)
+    out.append((shape, var.get_metadata().get("out_sharding") or (None,) * len(shape)))
+  return tuple(out)
+
+
+def param_bytes(cfg: ModelConfig, mesh_shape, dtype_bytes: int, rules=DEFAULT_RULES) -> float:
+  """Per-device bytes of a model's params on the mesh (exact: logical names of each tensor)."""
+  mesh = _fake_mesh(mesh_shape)
+  total = 0.0
+  for shape, names in _param_shapes(cfg):
     spec = logical_to_spec(names, shape, mesh, rules)
     shards = 1
     for axes in spec:
