@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kat_jax import sweep, train  # noqa: E402
+from kat_jax import configfile, sweep, train  # noqa: E402
 
 
 def main():
@@ -24,7 +24,7 @@ def main():
   parser.add_argument("--steps", type=int, default=100)
   args = parser.parse_args()
   root = Path(__file__).resolve().parents[1]
-  module = sweep.load_module(str(root / "configs" / "arith_compare.py"))
+  module = configfile.load_module(str(root / "configs" / "arith_compare.py"))
   times: dict[str, list[float]] = {}
   with tempfile.TemporaryDirectory() as tmp:
     for rep in range(2):

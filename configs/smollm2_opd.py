@@ -12,7 +12,7 @@ Expected: ~10.5 min on 2 CPU cores (80 steps at ~6.0 s, plus loading, compiling 
           ~0.11, pass@4 0.000 -> ~0.25 (teacher: 0.27 / 0.59; the 95% interval of one run is
           about +-0.08 / +-0.15), trap rate ~0.2, loops in ~4% of rollouts; the table adds the
           loop rates.
-Loop study (~5 min): python -m kat_jax.loops --config configs/smollm2_opd.py
+Loop study (~5 min): python -m kat_jax.studies.loops --config configs/smollm2_opd.py
           --student before=$KAT_JAX_MODELS/smollm2_l20 --student after=/tmp/smol/export
 Findings: docs/results.md ("A real model").
 

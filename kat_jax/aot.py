@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from kat_jax import config as config_lib
 from kat_jax import memory, opd, rollout, sharding
 from kat_jax import roofline as roofline_lib
+from kat_jax.configfile import load_config
 from kat_jax.models import ConfigError, Transformer
 
 GiB = 2**30
@@ -115,7 +116,7 @@ def abstract_model(cfg, mesh, *, remat=False, attn_chunk=0, scan_layers=False,
   """(graph, abstract state) of a Transformer: ShapeDtypeStructs carrying the run's shardings."""
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   model.remat, model.attn_chunk, model.scan_layers = remat, attn_chunk, scan_layers
-  model.act_sharding = sharding.batch_sharding(mesh, 3, rules)
+  sharding.pin_activations(model, mesh, rules)
   graph, state = nnx.split(model, nnx.Param) if params_only else nnx.split(model)
   where = sharding.param_shardings(state, mesh, rules)
   is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
@@ -481,9 +482,7 @@ def main(argv=None) -> None:
                       help="also compile the loop-free pieces and print the time per window, "
                            "update and step on v4 / v5e / v5p / v6e (several minutes more)")
   args = parser.parse_args(argv)
-  from kat_jax.sweep import load_module
-  path, _, arg = args.config.partition(":")
-  config = load_module(path).get_config(arg or None)
+  config = load_config(args.config)
   for item in args.set:
     key, _, value = item.partition("=")
     *parents, leaf = key.split(".")

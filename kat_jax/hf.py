@@ -276,7 +276,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.M
   state = nnx.from_flat_state([(p, flat[p].replace(values[p])) for p in flat])
   model = nnx.merge(graphdef, state)
   if mesh is not None:
-    model.act_sharding = sharding_lib.batch_sharding(mesh, 3, rules)
+    sharding_lib.pin_activations(model, mesh, rules)
   return model, cfg
 
 

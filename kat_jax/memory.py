@@ -32,13 +32,19 @@ The peak is params + optimizer + max(rollout phase, update phase).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import types
+from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
-from kat_jax.models import ModelConfig
+from kat_jax.configfile import load_config
+from kat_jax.hf import read_config
+from kat_jax.models import ConfigError, ModelConfig, Transformer
 from kat_jax.sharding import DEFAULT_RULES, ROLLOUT_RULES, logical_to_spec, rollout_tensor
 
 # Copies kept by the update's backward, fitted on XLA's memory analysis (see module docstring).
@@ -84,9 +90,6 @@ def _fake_mesh(shape):
 def _param_shapes(cfg: ModelConfig) -> tuple:
   """(shape, logical names) of every param: one abstract build per architecture (a plan tries
   every mesh; building Qwen3-8B abstractly takes ~1 s)."""
-  from flax import nnx
-
-  from kat_jax.models import Transformer
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   out = []
   for var in jax_leaves(nnx.state(abstract)):
@@ -110,8 +113,6 @@ def param_bytes(cfg: ModelConfig, mesh_shape, dtype_bytes: int, rules=DEFAULT_RU
 
 
 def jax_leaves(state):
-  import jax
-  from flax import nnx
   return jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -209,7 +210,6 @@ def meshes(n_devices: int):
 
 def device_memory_bytes() -> float | None:
   """The first device's memory limit when the backend reports one (GPU / TPU), else None."""
-  import jax
   stats = jax.local_devices()[0].memory_stats() or {}
   return float(stats["bytes_limit"]) if "bytes_limit" in stats else None
 
@@ -230,9 +230,6 @@ KNOWN = {
 
 
 def model_config(path: str, dtype: str) -> ModelConfig:
-  from pathlib import Path
-
-  from kat_jax.hf import read_config
   if Path(path).is_dir():
     return read_config(Path(path), param_dtype=dtype, dtype=dtype)
   name = Path(path).name
@@ -278,7 +275,6 @@ def plans(config, n_devices: int, device_memory: float | None, accelerator: bool
 def check(config, mesh_shape, n_devices: int, device_memory: float | None,
           accelerator: bool) -> Plan:
   """The plan, or a ConfigError naming a mesh that fits (or what else to change)."""
-  from kat_jax.models import ConfigError
   p = for_config(config, mesh_shape, device_memory, accelerator)
   if p.fits:
     return p
@@ -298,7 +294,6 @@ def check(config, mesh_shape, n_devices: int, device_memory: float | None,
 
 
 def main(argv=None) -> None:
-  import argparse
   parser = argparse.ArgumentParser(description="Per-device memory plan of a training config.")
   parser.add_argument("--config", required=True, help="config file[:arg]")
   parser.add_argument("--devices", type=int, required=True)
@@ -306,9 +301,7 @@ def main(argv=None) -> None:
   parser.add_argument("--device-memory-gb", type=float, required=True)
   parser.add_argument("--dtype", default="bfloat16")
   args = parser.parse_args(argv)
-  from kat_jax.sweep import load_module
-  path, _, arg = args.config.partition(":")
-  config = load_module(path).get_config(arg or None)
+  config = load_config(args.config)
   config.dtype = args.dtype
   mem = args.device_memory_gb * GiB
   if args.mesh:

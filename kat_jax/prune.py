@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from kat_jax import hf
+from kat_jax.data.sources import iter_jsonl
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -185,7 +186,6 @@ def main(argv=None) -> int:
     else:
       texts = CALIBRATION
       if args.calibration:
-        from kat_jax.data.sources import iter_jsonl
         texts = [r.get("text") or r.get("prompt") or "" for _, r in
                  iter_jsonl(Path(args.calibration), "an object with 'text' or 'prompt'")]
         texts = [t for t in texts if t][:64]

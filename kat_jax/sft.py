@@ -14,6 +14,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kat_jax import hf, rollout
+from kat_jax.data import arith, sources
+from kat_jax.models import ModelConfig, Transformer
+
 
 def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
                prompt_len: int, completion_len: int):
@@ -58,8 +62,6 @@ def evaluate_arith(model, source, n: int, key, temperature: float, max_new_token
   """Accuracy and mean completion length of `model` on n problems of `source`."""
   import numpy as np
 
-  from kat_jax import rollout
-  from kat_jax.data import arith
   problems = source.batch(0, n)
   prompt, start = rollout.pad_prompts([arith.encode(p) for p, _ in problems], arith.PAD_ID)
   tokens, length = rollout.generate(
@@ -82,9 +84,6 @@ def train(config, workdir: str) -> dict:
   from pathlib import Path
 
 
-  from kat_jax import hf
-  from kat_jax.data import arith, sources
-  from kat_jax.models import ModelConfig, Transformer
 
   m = config.model
   cfg = ModelConfig(family="qwen3", vocab_size=len(arith.VOCAB), hidden_size=m.hidden_size,

@@ -89,7 +89,17 @@ def shard_model(model, mesh: Mesh, rules=DEFAULT_RULES):
 
   state = nnx.state(model)
   nnx.update(model, jax.device_put(state, param_shardings(state, mesh, rules)))
+  return pin_activations(model, mesh, rules)
+
+
+def pin_activations(model, mesh: Mesh, rules=DEFAULT_RULES):
+  """Sets the Transformer's activation and KV-cache shardings for `mesh` / `rules` (the model
+  constrains its [B, T, E] activations and [B, K, S, D] caches to them; it never reads the
+  rules itself): rows over the batch axes, KV heads over `tensor` when it divides them."""
   model.act_sharding = batch_sharding(mesh, 3, rules)
+  heads = logical_to_spec(("kv_heads",), (model.cfg.num_kv_heads,), mesh, rules)[0]
+  model.cache_sharding = NamedSharding(
+      mesh, PartitionSpec(model.act_sharding.spec[0], heads, None, None))
   return model
 
 
@@ -137,8 +147,7 @@ def relayout(model, mesh: Mesh, rules=DEFAULT_RULES):
 
   graph, state = nnx.split(model)
   moved = nnx.merge(graph, reshard(state, param_shardings(state, mesh, rules)))
-  moved.act_sharding = batch_sharding(mesh, 3, rules)
-  return moved
+  return pin_activations(moved, mesh, rules)
 
 
 def _identity(tree):

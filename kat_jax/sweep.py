@@ -21,11 +21,15 @@ as its own `python -m kat_jax.main` with the same overrides.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import sys
 from pathlib import Path
+
+from kat_jax import config as config_lib
+from kat_jax import train
+from kat_jax.configfile import load_module
+from kat_jax.models import ConfigError
 
 
 class hyper:  # noqa: N801  (a namespace, used as `hyper.product(...)` like big_vision's)
@@ -50,13 +54,6 @@ class hyper:  # noqa: N801  (a namespace, used as `hyper.product(...)` like big_
         point["name"] = "_".join(names)
       out.append(point)
     return out
-
-
-def load_module(path: str):
-  spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def point_name(point: dict) -> str:
@@ -93,8 +90,6 @@ def points(config_path: str, arg: str | None = None) -> list[dict]:
 
 def run_local(config_path: str, workdir: str, arg: str | None = None, only=None) -> dict:
   """Runs every point (see the module docstring); returns {name: summary}."""
-  from kat_jax import config as config_lib
-  from kat_jax import train
   module = load_module(config_path)
   prepare = getattr(module, "prepare", None)  # optional hook: (config, point, workdir) -> config
   summaries = {}
@@ -132,7 +127,6 @@ def main(argv=None) -> None:
     for p in points(path, arg or None):
       print(point_name(p))
     return
-  from kat_jax.models import ConfigError
   if args.distributed:
     import jax
     jax.distributed.initialize()

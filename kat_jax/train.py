@@ -23,6 +23,8 @@ from flax import nnx
 from kat_jax import evaluate as evaluate_lib
 from kat_jax import aot, hf, loops, memory, opd, rollout, sharding, threshold
 from kat_jax.config import eval_config, loss_config, rollout_config, threshold_config
+from kat_jax.data import benchmarks as bench_lib
+from kat_jax.data import sources
 from kat_jax.models.config import ConfigError
 
 
@@ -76,8 +78,6 @@ def _tokenizer(model_dir: Path):
 
 def setup(config, workdir, with_teacher: bool = True) -> Run:
   """Models, tokenizer, data and the static configs; `with_teacher=False` for evaluation only."""
-  from kat_jax.data import benchmarks as bench_lib
-  from kat_jax.data import sources
   dtype = config.dtype or None
   shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   if with_teacher:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The KAT experiment on the embedded task, on this machine: 7 variants x 3 seeds of
-# configs/arith.py (see configs/arith_compare.py), then the analysis (kat_jax.experiment):
+# configs/arith.py (see configs/arith_compare.py), then the analysis (kat_jax.studies.experiment):
 # the results table, detector precision / recall on uncut rollouts, and the KL-trace plot.
 #
 #   bash launch/compare_local.sh /tmp/kat_compare        (~55 min on 2 CPU cores)
@@ -13,4 +13,4 @@ DIR="${1:?usage: compare_local.sh WORKDIR}"
 PY="${PYTHON:-python}"
 run() { echo "+ $*"; if [[ -z "${DRY_RUN:-}" ]]; then "$@"; fi; }
 run "$PY" -m kat_jax.sweep --config configs/arith_compare.py --workdir "$DIR"
-run "$PY" -m kat_jax.experiment --sweep "$DIR" --out "$DIR/results.md"
+run "$PY" -m kat_jax.studies.experiment --sweep "$DIR" --out "$DIR/results.md"

@@ -135,8 +135,8 @@ def test_memory_plan_is_within_15_percent_of_the_tpu_compiler(tmp_path):
   in ~45 s) on v5e:2x2: the analytic plan (kat_jax.memory) of the rollout phase and of the update
   phase is within 15% of XLA:TPU's per-device peak. Before the plan counted the update's gathered
   [V, E] LM head and its fp32 gradient it was 50% low here."""
-  from kat_jax.sweep import load_module
-  cfg = load_module("configs/qwen3_opd.py").get_config(None)
+  from kat_jax.configfile import load_config
+  cfg = load_config("configs/qwen3_opd.py")
   cfg.student = _config_json(tmp_path / "student", "Qwen3-1.7B", 1)
   cfg.teacher = _config_json(tmp_path / "teacher", "Qwen3-8B", 1)
   cfg.prompts_per_step, cfg.samples_per_prompt, cfg.max_new_tokens = 4, 2, 1024

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from kat_jax import experiment, kat
+from kat_jax import kat
+from kat_jax.studies import experiment
 from kat_jax.data import arith
 
 

@@ -51,7 +51,7 @@ def test_install_and_compare_dry_runs():
   assert any('pip install -q -e .[tpu]' in line for line in lines)
   sweep, report = _dry(ROOT / "launch" / "compare_local.sh", "/tmp/x")
   assert "kat_jax.sweep --config configs/arith_compare.py --workdir /tmp/x" in sweep
-  assert "kat_jax.experiment --sweep /tmp/x" in report
+  assert "kat_jax.studies.experiment --sweep /tmp/x" in report
 
 
 def test_smollm2_setup_dry_run(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from kat_jax import loops
+from kat_jax.studies import loops as loop_study
 
 CFG = loops.LoopConfig(max_period=6, min_repeats=3, min_span=8)
 
@@ -81,17 +82,17 @@ def _study_data():
 def test_study_scores_kat_rules_against_loops():
   data = _study_data()
   np.testing.assert_array_equal(data["loop"], [12, 12, -1, -1])
-  plain = loops.detector_scores(data, "kl", spike_gate=False)
+  plain = loop_study.detector_scores(data, "kl", spike_gate=False)
   assert plain["tau"] == 1.0  # 10 of 32 window means are low: the 0.4 quantile is a high one
   assert (plain["precision"], plain["recall"], plain["cut_after_onset"]) == (1.0, 1.0, 1.0)
   np.testing.assert_array_equal(plain["det"]["trained_len"], [12, 12, 32, 32])
   assert plain["tokens_cut"] == 40 / 128
-  gated = loops.detector_scores(data, "kl", spike_gate=True)  # only row 0 has a spike
+  gated = loop_study.detector_scores(data, "kl", spike_gate=True)  # only row 0 has a spike
   assert (gated["precision"], gated["recall"], gated["flagged"]) == (1.0, 0.5, 0.25)
-  kl = loops.kl_in_loops(data)
+  kl = loop_study.kl_in_loops(data)
   assert kl["inside the loop"]["tokens"] == 40
   assert kl["inside the loop"]["median"] == pytest.approx(0.01)
   assert kl["looping rollouts, before the loop"]["tokens"] == 24
   assert kl["loop-free rollouts"]["median"] == 1.0
-  text, summary = loops.report(data, "synthetic")
+  text, summary = loop_study.report(data, "synthetic")
   assert summary["loop_rate"] == 0.5 and "| plain | kl |" in text

@@ -196,7 +196,7 @@ def test_two_opd_steps_on_reasoning_gym(smol, tmp_path):
   pytest.importorskip("reasoning_gym")
   from kat_jax import config as config_lib
   from kat_jax import train
-  from kat_jax.sweep import load_module
+  from kat_jax.configfile import load_module
   student = prune.prune(smol, tmp_path / "student", [0, 29])
   c = load_module(str(Path(__file__).resolve().parents[1] / "configs" / "smollm2_opd.py")
                   ).get_config()

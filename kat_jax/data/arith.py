@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kat_jax.evaluate import extract_boxed
+from kat_jax.grading import extract_boxed
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIALS = (PAD, BOS, EOS)

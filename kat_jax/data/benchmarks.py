@@ -19,6 +19,8 @@ import dataclasses
 import types
 from pathlib import Path
 
+from kat_jax.data import chat, sources
+
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -70,9 +72,8 @@ def gold_answer(raw, answer_format: str) -> str:
 def _read_jsonl(path: Path, problem_fields, answer_field: str) -> tuple[list[str], list]:
   if not path.is_file():
     raise FileNotFoundError(f"benchmark file {str(path)!r} does not exist.")
-  from kat_jax.data.sources import iter_jsonl
   problems, answers = [], []
-  for lineno, rec in iter_jsonl(path, "an object with a problem and an answer"):
+  for lineno, rec in sources.iter_jsonl(path, "an object with a problem and an answer"):
     field = next((p for p in problem_fields if p in rec), None)
     if field is None or answer_field not in rec:
       raise ValueError(f"{path}:{lineno}: needs a problem field ({' / '.join(problem_fields)})"
@@ -144,7 +145,6 @@ def parse_specs(specs: str) -> list[tuple[str, str | None]]:
 
 def format_prompts(problems: list[str], chat_template: str | None, special: dict[str, str],
                    instruction: str | None = INSTRUCTION) -> list[str]:
-  from kat_jax.data import chat
   texts = [f"{p}\n\n{instruction}" if instruction else p for p in problems]
   if chat_template is None:
     return texts
@@ -154,7 +154,6 @@ def format_prompts(problems: list[str], chat_template: str | None, special: dict
 def load(spec: tuple[str, str | None], *, limit: int = 0, model_dir: str | Path | None = None,
          use_chat_template: bool = True, arith_seed: int = 0, arith_ops: int = 3) -> Benchmark:
   """One benchmark (see the module docstring); `limit` > 0 keeps the first `limit` problems."""
-  from kat_jax.data import chat
   name, path = spec
   if name == "arith" and path is None:
     arith_data = types.SimpleNamespace(source="arith", seed=arith_seed, n_ops=arith_ops,
@@ -180,7 +179,6 @@ def heldout(data_cfg, limit: int, model_dir=None) -> Benchmark:
   task's eval split, the JSONL at data.eval_path (else data.path's held-out records, which
   training never sees: sources.heldout_split), or reasoning-gym's held-out
   seed (instruction and chat template as in training)."""
-  from kat_jax.data import sources
   source = sources.from_config(data_cfg, "eval", model_dir)
   if data_cfg.source == "reasoning_gym":
     pairs = source.batch(0, limit or 256)

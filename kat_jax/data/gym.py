@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ast
 
+from kat_jax.data import chat
+
 SEED_STRIDE = 10**7
 EVAL_SEED_OFFSET = 10**9
 MAX_SIZE = SEED_STRIDE
@@ -85,7 +87,6 @@ class GymSource:
     self.template, self.special = chat_template, special or {}
 
   def format(self, question: str) -> str:
-    from kat_jax.data import chat
     text = f"{question.strip()}\n\n{self.instruction}" if self.instruction else question
     if self.template is None:
       return text

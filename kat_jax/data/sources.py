@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kat_jax.data import arith
+from kat_jax.data import chat, gym
 
 
 class ArithSource:
@@ -77,7 +78,6 @@ def from_config(data_cfg, split: str, model_dir=None, holdout: bool = True):
   holdout=False: the run evaluates on named benchmarks (eval.benchmarks), so a JSONL data.path
   trains whole."""
   if data_cfg.source == "reasoning_gym":
-    from kat_jax.data import chat, gym
     template, special = (chat.load_template(model_dir)
                          if data_cfg.chat_template and model_dir is not None else (None, {}))
     if data_cfg.chat_template and template is None:

@@ -254,9 +254,11 @@ class Transformer(nnx.Module):
     # [B, S, E] input per layer instead of every layer's scores and MLP activations. Set by the
     # training config (`remat`); it changes memory and compute, never the numbers.
     self.remat = False
-    # Sharding of [B, T, E] activations on a mesh (set by kat_jax.sharding.shard_model): without
-    # it, XLA's propagation may gather the batch instead of the FSDP-sharded params.
+    # Shardings of [B, T, E] activations and [B, K, S, D] caches on a mesh (set by
+    # kat_jax.sharding.pin_activations): without them, XLA's propagation may gather the batch
+    # instead of the FSDP-sharded params.
     self.act_sharding = None
+    self.cache_sharding = None
     # Full-sequence attention over query chunks of this size (0 = all at once): see Attention.
     self.attn_chunk = 0
     # Full-sequence forward as a scan over layers (see `_scan`): compile time, not numbers.
@@ -317,16 +319,9 @@ class Transformer(nnx.Module):
     return x_BxTxE
 
   def _constrain_cache(self, kv_BxKxSxD):
-    """On a mesh: the cache's batch over the batch axes, KV heads over `tensor` when it divides
-    them (the logical names batch / kv_heads of kat_jax.sharding's rules)."""
-    if self.act_sharding is None:
+    if self.cache_sharding is None:
       return kv_BxKxSxD
-    from kat_jax import sharding  # local: the model module does not depend on the mesh code
-    mesh = self.act_sharding.mesh
-    batch = self.act_sharding.spec[0]
-    heads = sharding.logical_to_spec(("kv_heads",), kv_BxKxSxD.shape[1:2], mesh)[0]
-    spec = jax.sharding.PartitionSpec(batch, heads, None, None)
-    return jax.lax.with_sharding_constraint(kv_BxKxSxD, jax.sharding.NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(kv_BxKxSxD, self.cache_sharding)
 
   def _constrain(self, x_BxTxE):
     if self.act_sharding is None:

@@ -1,6 +1,6 @@
 """The KAT experiment's analysis: sweep table, detector precision / recall, KL-trace plots.
 
-    python -m kat_jax.experiment --sweep DIR [--out DIR/results.md] [--student ... --teacher ...]
+    python -m kat_jax.studies.experiment --sweep DIR [--out DIR/results.md] [--student ... --teacher ...]
 
   1. Table: every variant of a `configs/arith_compare.py` sweep, mean +- std over seeds of the
      final avg@k / pass@k (each seed's own 95% bootstrap interval averaged alongside), trained
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kat_jax import hf, kat, rollout
+from kat_jax.config import ASSETS
 from kat_jax.data import arith
 
 # ------------------------------------------------------------------------------ sweep table
@@ -129,7 +131,6 @@ def score_uncut(student, teacher, rows: list[list[int]], cfg, pad_id: int, seed:
   per-token signals: kl, logratio, tokens, length, eos, window_mean, window_complete."""
   import jax
 
-  from kat_jax import rollout
   out = {f: [] for f in ("kl", "logratio", "tokens", "length", "eos", "window_mean",
                          "window_complete")}
   for c, lo in enumerate(range(0, len(rows), batch)):
@@ -147,7 +148,6 @@ def score_uncut(student, teacher, rows: list[list[int]], cfg, pad_id: int, seed:
 def uncut_rollouts(student_dir, teacher_dir, n_problems: int, samples: int, seed: int,
                    max_new_tokens: int = 48, window: int = 4, batch: int = 256) -> dict:
   """Student samples with KAT off on held-out problems; teacher-scored per-token signals."""
-  from kat_jax import hf, kat, rollout
   student, s_cfg = hf.load(student_dir)
   teacher, _ = hf.load(teacher_dir)
   vocab = len(arith.VOCAB)
@@ -173,7 +173,6 @@ def post_hoc(data: dict, signal: str, cfg, quantile: float, spike_tau: float,
   the adaptive rule would set from their own complete windows, scored against a ground truth:
   rows `target_B` (doomed: ends wrong, loops) whose trouble starts at token `onset_B` (-1: unknown).
   """
-  from kat_jax import kat
   sig = data[signal]
   w = cfg.window
   n_win = sig.shape[1] // w
@@ -196,7 +195,6 @@ def detector_scores(data: dict, signal: str, spike_gate: bool, quantile: float =
                     spike_tau: float = 2.0, window: int = 4, patience: int = 2,
                     min_len: int = 8) -> dict:
   """The rule against "ends wrong", and whether the cut lands after the first slip."""
-  from kat_jax import kat
   cfg = kat.KATConfig(mode="kat", signal=signal, window=window, patience=patience,
                       min_len=min_len, spike_gate=spike_gate)
   s = post_hoc(data, signal, cfg, quantile, spike_tau, ~data["correct"], data["slip"])
@@ -295,7 +293,6 @@ def plot_traces(data: dict, studies: dict[str, dict], path: Path, n_each: int = 
 
 
 def main(argv=None) -> None:
-  from kat_jax.config import ASSETS
   parser = argparse.ArgumentParser(description="KAT experiment analysis (see module docstring)")
   parser.add_argument("--sweep", required=True, help="sweep directory (configs/arith_compare.py)")
   parser.add_argument("--out", default="", help="markdown file (default: SWEEP/results.md)")

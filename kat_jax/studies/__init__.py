@@ -1,0 +1,2 @@
+"""Research studies built on the library (experiment tables, the loop study). The library never
+imports them."""
