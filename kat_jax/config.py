@@ -215,7 +215,7 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     threshold_config(config)
     opd.OptimConfig(**config.optim)
     if config.loss.temperature < 0:
-      raise ValueError(f"loss.temperature={config.loss.temperature} must be >= 0 (0 = the "
+      raise ConfigError(f"loss.temperature={config.loss.temperature} must be >= 0 (0 = the "
                        "sampling temperature).")
     loss_config(config, 1)
     eval_config(config)

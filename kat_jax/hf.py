@@ -33,7 +33,8 @@ import numpy as np
 from flax import nnx
 
 from kat_jax import sharding as sharding_lib
-from kat_jax.models import ConfigError, ModelConfig, Transformer
+from kat_jax.errors import CheckpointError, ConfigError
+from kat_jax.models import ModelConfig, Transformer
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -46,10 +47,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Tensors some published checkpoints carry that hold no parameters.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory kat_jax cannot use; the message names the file or tensor."""
 
 
 def default_dtype() -> str:

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kat_jax.errors import ConfigError
+
 MODES = ("none", "kat", "fixed", "random")
 SIGNALS = ("kl", "logratio")
 CUTS = ("onset", "detection", "onset_floor")
@@ -53,16 +55,16 @@ class KATConfig:
 
   def __post_init__(self):
     if self.mode not in MODES:
-      raise ValueError(f"kat.mode={self.mode!r}; use one of {MODES}.")
+      raise ConfigError(f"kat.mode={self.mode!r}; use one of {MODES}.")
     if self.signal not in SIGNALS:
-      raise ValueError(f"kat.signal={self.signal!r}; use one of {SIGNALS}.")
+      raise ConfigError(f"kat.signal={self.signal!r}; use one of {SIGNALS}.")
     if self.cut not in CUTS:
-      raise ValueError(f"kat.cut={self.cut!r}; use one of {CUTS}.")
+      raise ConfigError(f"kat.cut={self.cut!r}; use one of {CUTS}.")
     if self.window < 1 or self.patience < 1 or self.min_len < 0:
-      raise ValueError(f"kat.window={self.window}, kat.patience={self.patience} must be >= 1 and "
+      raise ConfigError(f"kat.window={self.window}, kat.patience={self.patience} must be >= 1 and "
                        f"kat.min_len={self.min_len} >= 0.")
     if self.mode == "fixed" and self.fixed_len < 1:
-      raise ValueError(f"kat.mode='fixed' needs kat.fixed_len >= 1 (got {self.fixed_len}).")
+      raise ConfigError(f"kat.mode='fixed' needs kat.fixed_len >= 1 (got {self.fixed_len}).")
 
 
 @flax.struct.dataclass

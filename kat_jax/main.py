@@ -7,12 +7,19 @@ problem -- no traceback -- before anything is loaded or compiled.
 
 from __future__ import annotations
 
+import ast
+import difflib
 import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from kat_jax import config as config_lib
+from kat_jax import sft, smoke, train
+from kat_jax.configfile import load_module
+from kat_jax.errors import ConfigError, UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
@@ -24,7 +31,7 @@ MODES = ("train", "eval", "export", "sft", "smoke")
 def _run(config, workdir: str) -> None:
   mode = config.get("mode", None)
   if mode not in MODES:
-    raise ValueError(f"config.mode={mode!r} is not one of {MODES}; set --config.mode.")
+    raise ConfigError(f"config.mode={mode!r} is not one of {MODES}; set --config.mode.")
   if config.get("distributed", False):
     # Multi-host (TPU pod slice, GPU cluster): must precede any use of the devices. On TPU VMs
     # and SLURM / Open MPI clusters the coordinator and process ids are found automatically;
@@ -36,14 +43,10 @@ def _run(config, workdir: str) -> None:
     print(f"JAX {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), "
           f"{jax.process_count()} process(es)", flush=True)
   if mode == "smoke":
-    from kat_jax import smoke
     smoke.run(config, workdir)
   elif mode == "sft":
-    from kat_jax import sft
     sft.train(config, workdir)
   else:
-    from kat_jax import config as config_lib
-    from kat_jax import train
     config_lib.validate(config, workdir)
     {"train": train.train, "eval": train.evaluate_mode, "export": train.export}[mode](config,
                                                                                     workdir)
@@ -59,20 +62,66 @@ def main(argv):
     sys.exit("error: --config is required, e.g. --config configs/arith.py")
   if not _WORKDIR.value:
     sys.exit("error: --workdir is required, e.g. --workdir /tmp/kat")
-  from kat_jax.hf import CheckpointError
-  from kat_jax.models import ConfigError
-  from kat_jax.train import TrainingStopped
   try:
     _run(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, CheckpointError, TrainingStopped, FileExistsError,
-          FileNotFoundError) as e:
+  except (UserError, FileExistsError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  except ValueError as e:  # raised by config dataclasses; one line, no traceback
-    if str(e).startswith(("config.", "kat.", "sampling", "loss.", "optim.", "threshold.",
-                            "eval.")):
-      sys.exit(f"error: {e}")
-    raise
+
+
+def preflight(argv: list[str]) -> str | None:
+  """What absl / ml_collections would answer with a traceback, as one line: a missing or broken
+  config file, an override of a field the config does not have (with the nearest names), or a
+  value of the wrong type. None when the command line is fine."""
+  spec, overrides = None, []
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif arg.startswith("--config="):
+      spec = arg.split("=", 1)[1]
+    elif arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        value = argv[i + 1]
+      overrides.append((key, value))
+  if spec is None:
+    return None  # main() names the missing flag
+  path, _, cfg_arg = spec.partition(":")
+  try:
+    config = load_module(path).get_config(cfg_arg or None)
+  except FileNotFoundError as e:
+    return str(e)
+  except Exception as e:  # noqa: BLE001 -- the user's file: report its error, not ours
+    return f"config file {path!r} failed to load: {type(e).__name__}: {e}"
+  for key, value in overrides:
+    node, walked = config, []
+    for name in key.split("."):
+      fields = list(node.keys()) if hasattr(node, "keys") else []
+      if name not in fields:
+        near = difflib.get_close_matches(name, fields, n=3)
+        where = "config" + "".join(f".{w}" for w in walked)
+        hint = f"; did you mean {', '.join(f'--{where}.{n}' for n in near)}?" if near else (
+            f"; {where} has: {', '.join(sorted(fields))}.")
+        return f"--config.{key}: {where} has no field {name!r}{hint}"
+      node = node[name]
+      walked.append(name)
+    want = type(node)
+    if want in (int, float) and value:
+      try:
+        parsed = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        parsed = None
+      if not isinstance(parsed, (int, float)) or isinstance(parsed, bool) or (
+          want is int and not isinstance(parsed, int)):
+        return f"--config.{key}={value}: expected {want.__name__} (the default is {node!r})."
+  return None
+
+
+def run_cli(argv: list[str]) -> None:
+  problem = preflight(argv[1:])
+  if problem:
+    sys.exit(f"error: {problem}")
+  app.run(main, argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_cli(sys.argv)

@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from kat_jax import losses
+from kat_jax.errors import ConfigError
 from kat_jax.rollout import RolloutResult
 from kat_jax.sharding import to_host
 
@@ -47,9 +48,9 @@ class OptimConfig:
 
   def __post_init__(self):
     if self.schedule not in ("constant", "cosine"):
-      raise ValueError(f"optim.schedule={self.schedule!r}; use 'constant' or 'cosine'.")
+      raise ConfigError(f"optim.schedule={self.schedule!r}; use 'constant' or 'cosine'.")
     if self.learning_rate <= 0 or self.accumulation_steps < 1:
-      raise ValueError(f"optim.learning_rate={self.learning_rate} must be > 0 and "
+      raise ConfigError(f"optim.learning_rate={self.learning_rate} must be > 0 and "
                        f"optim.accumulation_steps={self.accumulation_steps} >= 1.")
 
 
@@ -174,15 +175,15 @@ class LossConfig:
 
   def __post_init__(self):
     if self.microbatches < 0 or self.chunk < 0:
-      raise ValueError(f"loss.microbatches={self.microbatches} must be >= 0 (0 = auto) and "
+      raise ConfigError(f"loss.microbatches={self.microbatches} must be >= 0 (0 = auto) and "
                        f"loss.chunk={self.chunk} >= 0.")
     if self.objective not in losses.OBJECTIVES:
-      raise ValueError(f"loss.objective={self.objective!r}; use one of {losses.OBJECTIVES}.")
+      raise ConfigError(f"loss.objective={self.objective!r}; use one of {losses.OBJECTIVES}.")
     if not 0 <= self.beta <= 1 or self.temperature <= 0:
-      raise ValueError(f"loss.beta={self.beta} must be in [0, 1] and loss.temperature="
+      raise ConfigError(f"loss.beta={self.beta} must be in [0, 1] and loss.temperature="
                        f"{self.temperature} > 0.")
     if self.ratio_clip < 0:
-      raise ValueError(f"loss.ratio_clip={self.ratio_clip} must be >= 0 (0 = off; e.g. 2.0).")
+      raise ConfigError(f"loss.ratio_clip={self.ratio_clip} must be >= 0 (0 = off; e.g. 2.0).")
 
 
 # On XLA CPU the update is memory-bound, not matmul-bound: a [B*S, 4E] MLP activation or the
@@ -281,7 +282,7 @@ def _loss(s_params, s_graph, t_model, prompt_BxP, start_B, result: RolloutResult
   # exist at a time, forward and backward (jax.checkpoint recomputes them in the backward pass).
   # Every chunk is normalised by the whole batch's trained tokens, so the sum is the full loss.
   if t % c:
-    raise ValueError(f"loss.chunk={c} must divide the {t} generated positions (a multiple of "
+    raise ConfigError(f"loss.chunk={c} must divide the {t} generated positions (a multiple of "
                      "kat.window).")
   to_chunks = lambda x: None if x is None else jnp.moveaxis(  # noqa: E731
       x.reshape(x.shape[0], t // c, c, *x.shape[2:]), 1, 0)
@@ -317,7 +318,7 @@ def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
     # Every chunk's loss is already normalised by the whole batch's trained tokens, so the sums
     # over chunks are exactly the full-batch loss and gradient.
     if b % (m * batch_shards):
-      raise ValueError(f"loss.microbatches={m} times the {batch_shards} batch shards must divide "
+      raise ConfigError(f"loss.microbatches={m} times the {batch_shards} batch shards must divide "
                        f"the batch of {b} rows.")
     # Strided chunks (chunk j = rows j, j + m, ...): with the batch sharded in contiguous blocks,
     # every chunk takes b / (m * shards) rows from each shard, so no row changes device.

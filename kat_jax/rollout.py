@@ -35,6 +35,7 @@ from flax import nnx
 
 from kat_jax import kat as kat_lib
 from kat_jax import threshold as threshold_lib
+from kat_jax.errors import ConfigError
 from kat_jax.models import KVCache, Transformer
 from kat_jax.sharding import put_batch, replicate, to_host
 
@@ -47,7 +48,7 @@ class SamplingConfig:
 
   def __post_init__(self):
     if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f"sampling: temperature={self.temperature} must be >= 0, top_k="
+      raise ConfigError(f"sampling: temperature={self.temperature} must be >= 0, top_k="
                        f"{self.top_k} >= 0 and top_p={self.top_p} in (0, 1].")
 
 
@@ -67,9 +68,9 @@ class RolloutConfig:
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
+      raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
     if not self.eos_ids:
-      raise ValueError("eos_ids is empty: give at least one end-of-sequence token id.")
+      raise ConfigError("eos_ids is empty: give at least one end-of-sequence token id.")
     check_top_k(self.sampling, self.vocab_size, "sampling")
 
   @property
@@ -144,7 +145,7 @@ class RolloutResult:
 
 def check_top_k(cfg: SamplingConfig, vocab_size: int, field: str) -> None:
   if cfg.top_k > vocab_size:
-    raise ValueError(f"{field}.top_k={cfg.top_k}: exceeds the {vocab_size}-token vocabulary; use "
+    raise ConfigError(f"{field}.top_k={cfg.top_k}: exceeds the {vocab_size}-token vocabulary; use "
                      f"0 (off) or a value <= {vocab_size}.")
 
 

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kat_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # FSDP over the embedding dimension, tensor parallelism over heads / MLP / vocabulary.
@@ -43,7 +45,7 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES,
   """A mesh of `shape` (e.g. (2, 2, 2) for data, fsdp, tensor) over the given or all devices."""
   devices = jax.devices() if devices is None else devices
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, but "
+    raise ConfigError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, but "
                      f"{len(devices)} are available; make the product of the shape equal it.")
   return Mesh(np.asarray(devices).reshape(tuple(shape)), tuple(axis_names))
 
@@ -123,7 +125,7 @@ def resolve_rollout_tensor(value: int, mesh: Mesh, model_cfgs) -> int:
   for c in model_cfgs:
     for name in ("num_heads", "num_kv_heads", "intermediate_size"):
       if getattr(c, name) % value:
-        raise ValueError(f"mesh.rollout_tensor={value} does not divide {name}="
+        raise ConfigError(f"mesh.rollout_tensor={value} does not divide {name}="
                          f"{getattr(c, name)} of a model; use 0 (auto) or a divisor of it.")
   rollout_mesh(mesh, value)  # the device count check
   return value
@@ -135,7 +137,7 @@ def rollout_mesh(mesh: Mesh, tensor: int) -> Mesh:
   data = mesh.shape["data"]
   per_replica = mesh.devices.size // data
   if tensor < 1 or per_replica % tensor:
-    raise ValueError(f"mesh.rollout_tensor={tensor} must divide the {per_replica} devices per "
+    raise ConfigError(f"mesh.rollout_tensor={tensor} must divide the {per_replica} devices per "
                      f"data replica (mesh {dict(mesh.shape)}).")
   return Mesh(mesh.devices.reshape(data, per_replica // tensor, tensor), MESH_AXES)
 
@@ -180,17 +182,17 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int | None = None) 
   n = jax.device_count() if n_devices is None else n_devices
   shape = [data, fsdp, tensor]
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: at most one axis may be -1.")
+    raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: at most one axis may be -1.")
   if any(s < 1 and s != -1 for s in shape):
-    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: sizes must be >= 1 (or -1).")
+    raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: sizes must be >= 1 (or -1).")
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if n % known:
-      raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: {n} devices are not a "
+      raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: {n} devices are not a "
                        f"multiple of {known}.")
     shape[shape.index(-1)] = n // known
   if int(np.prod(shape)) != n:
-    raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(shape)} has {int(np.prod(shape))} "
+    raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(shape)} has {int(np.prod(shape))} "
                      f"devices but {n} are available; make the product {n} or use -1.")
   return tuple(shape)
 

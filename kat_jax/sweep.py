@@ -29,7 +29,7 @@ from pathlib import Path
 from kat_jax import config as config_lib
 from kat_jax import train
 from kat_jax.configfile import load_module
-from kat_jax.models import ConfigError
+from kat_jax.errors import UserError
 
 
 class hyper:  # noqa: N801  (a namespace, used as `hyper.product(...)` like big_vision's)
@@ -133,7 +133,7 @@ def main(argv=None) -> None:
   try:
     run_local(path, args.workdir, arg or None,
               only={s for s in args.only.split(",") if s} or None)
-  except ConfigError as e:
+  except (UserError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 
 

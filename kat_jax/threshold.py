@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kat_jax.errors import ConfigError
+
 MODES = ("adaptive", "fixed", "ratio")
 ESTIMATORS = ("probe", "censored", "observed")
 
@@ -62,16 +64,16 @@ class ThresholdConfig:
 
   def __post_init__(self):
     if self.mode not in MODES:
-      raise ValueError(f"threshold.mode={self.mode!r}; use one of {MODES}.")
+      raise ConfigError(f"threshold.mode={self.mode!r}; use one of {MODES}.")
     if self.estimator not in ESTIMATORS:
-      raise ValueError(f"threshold.estimator={self.estimator!r}; use one of {ESTIMATORS}.")
+      raise ConfigError(f"threshold.estimator={self.estimator!r}; use one of {ESTIMATORS}.")
     if not 0 <= self.momentum < 1 or not 0 <= self.quantile <= 1:
-      raise ValueError(f"threshold.momentum={self.momentum} must be in [0, 1) and "
+      raise ConfigError(f"threshold.momentum={self.momentum} must be in [0, 1) and "
                        f"threshold.quantile={self.quantile} in [0, 1].")
     if self.warmup_steps < 0:
-      raise ValueError(f"threshold.warmup_steps={self.warmup_steps} must be >= 0.")
+      raise ConfigError(f"threshold.warmup_steps={self.warmup_steps} must be >= 0.")
     if not 0 <= self.probe_fraction <= 1:
-      raise ValueError(f"threshold.probe_fraction={self.probe_fraction} must be in [0, 1].")
+      raise ConfigError(f"threshold.probe_fraction={self.probe_fraction} must be in [0, 1].")
 
 
 @flax.struct.dataclass

@@ -25,11 +25,7 @@ from kat_jax import aot, hf, loops, memory, opd, rollout, sharding, threshold
 from kat_jax.config import eval_config, loss_config, rollout_config, threshold_config
 from kat_jax.data import benchmarks as bench_lib
 from kat_jax.data import sources
-from kat_jax.models.config import ConfigError
-
-
-class TrainingStopped(RuntimeError):
-  """Raised when too many consecutive updates were non-finite."""
+from kat_jax.errors import ConfigError, TrainingStopped  # noqa: F401  (TrainingStopped: API)
 
 
 @dataclasses.dataclass

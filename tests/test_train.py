@@ -216,6 +216,34 @@ def test_main_reports_bad_config_in_one_line_without_traceback(models, tmp_path)
       "max_new_tokens.")
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--config", "configs/nope.py"], "config file 'configs/nope.py' does not exist; give the "
+                                      "path of a config file such as configs/arith.py"),
+    (["--config=configs/arith.py", "--config.kat.windw=3"],
+     "--config.kat.windw: config.kat has no field 'windw'; did you mean --config.kat.window?"),
+    (["--config", "configs/arith.py", "--config.no_such_key", "1"],
+     "--config.no_such_key: config has no field 'no_such_key'; config has: attn_chunk, "),
+    (["--config", "configs/arith.py", "--config.steps=abc"],
+     "--config.steps=abc: expected int (the default is 400)."),
+    (["--config", "configs/arith.py", "--config.optim.learning_rate=1", "--config.steps=3"], None),
+])
+def test_command_line_mistakes_are_one_line(argv, message):
+  from kat_jax import main
+  got = main.preflight(argv)
+  assert got == message if message is None or not message.endswith(", ") else (
+      got.startswith(message)), got
+
+
+def test_main_names_an_unknown_override_and_writes_nothing(tmp_path):
+  out = _main(["--config", "configs/arith.py", "--config.kat.windw=3", "--workdir",
+               str(tmp_path / "run")])
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines() == [
+      "error: --config.kat.windw: config.kat has no field 'windw'; did you mean "
+      "--config.kat.window?"]
+  assert not (tmp_path / "run").exists()
+
+
 def test_eval_and_export_modes_use_the_latest_checkpoint(models, tmp_path):
   spec = f"tests/tiny_config.py:{models[0]},{models[1]},2"
   workdir = tmp_path / "run"

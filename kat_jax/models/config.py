@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from kat_jax.errors import ConfigError
+
 # Supported architectures -> family. Anything else is refused with a clear error.
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -33,10 +35,6 @@ _ARCH_OF_FAMILY = {v: k for k, v in ARCHITECTURES.items()}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-  """A config.json (or a ModelConfig field) that kat_jax cannot use; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)
