@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from kat_jax import evaluate as evaluate_lib
-from kat_jax import aot, hf, loops, memory, opd, rollout, sharding, threshold
+from kat_jax import aot, hf, memory, metrics, opd, rollout, sharding, threshold
 from kat_jax.config import eval_config, loss_config, rollout_config, threshold_config
 from kat_jax.data import benchmarks as bench_lib
 from kat_jax.data import sources
@@ -53,6 +53,9 @@ class Run:
   loss_cfg: opd.LossConfig
   rollout_cfg: rollout.RolloutConfig
   threshold_cfg: threshold.ThresholdConfig
+  # kat.mode='random': the cut lengths to draw from, converted once (a KAT run's cut lengths can
+  # be tens of thousands of entries).
+  random_lengths: jax.Array
 
 
 def _compile_check(config, shape, device_memory) -> None:
@@ -141,7 +144,8 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
       tx=opd.make_optimizer(opd.OptimConfig(**config.optim)),
       loss_cfg=loss_config(config, vocab_size),
       rollout_cfg=rollout_config(config, eos_ids, pad_id, vocab_size),
-      threshold_cfg=threshold_config(config))
+      threshold_cfg=threshold_config(config),
+      random_lengths=jnp.asarray(config.kat.random_lengths, jnp.int32))
 
 
 def _encode(run: Run, prompts: list[str]):
@@ -264,19 +268,77 @@ def evaluate_mode(config, workdir) -> dict:
   return report
 
 
+@dataclasses.dataclass
+class TrainState:
+  """What a step changes besides the student's params (updated in place on `run.student`)."""
+  opt_state: object
+  th_state: object  # kat_jax.threshold.ThresholdState: the adaptive tau's statistics
+  skips: int = 0  # consecutive non-finite (skipped) updates
+
+
+def _rows_to(run: Run, mesh, rules):
+  """[B, ...] rows into `mesh` / `rules`' batch sharding (between the training and rollout
+  layouts; cheap next to a rollout); identity when the two layouts are one."""
+  if run.rollout_mesh is run.mesh:
+    return lambda tree: tree
+  return lambda tree: sharding.reshard(
+      tree, jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim, rules), tree))
+
+
+def train_step(run: Run, state: TrainState, step: int, key):
+  """One OPD step: the step's prompts -> fused student + teacher rollout with KAT (in the
+  rollout layout) -> [the random-truncation ablation] -> the optax update on the trimmed batch
+  -> the threshold's statistics. Returns (state, the rollout result on the host, the update and
+  threshold metrics as floats, tau as a float)."""
+  config = run.config
+  per_step = config.prompts_per_step * config.samples_per_prompt
+  step_key = jax.random.fold_in(key, step)
+  problems = run.source.batch(step * config.prompts_per_step, config.prompts_per_step)
+  prompts = [p for p, _ in problems for _ in range(config.samples_per_prompt)]
+  prompt, start = _encode(run, prompts)
+  tau = threshold.tau(state.th_state, step, run.threshold_cfg)
+  s_graph, s_now = nnx.split(run.student, nnx.Param)
+  t_graph, t_params = nnx.split(run.teacher)
+  # Rollouts KAT never stops, so the adaptive tau sees uncensored windows (kat_jax/threshold.py).
+  probes = threshold.num_probes(per_step, run.threshold_cfg, config.kat.mode)
+  probe_B = sharding.put_batch(threshold.probe_mask(per_step, probes, config.seed, step),
+                               run.rollout_mesh, run.rollout_rules)
+  to_rollout = _rows_to(run, run.rollout_mesh, run.rollout_rules)
+  result = rollout.rollout(rollout_student(run), run.teacher, *to_rollout((prompt, start)),
+                           jax.random.fold_in(step_key, 0), run.rollout_cfg,
+                           tau=tau, spike_tau=config.kat.spike_tau, probe_B=probe_B,
+                           batch_multiple=sharding.batch_shards(run.rollout_mesh,
+                                                                run.rollout_rules))
+  result = _rows_to(run, run.mesh, sharding.DEFAULT_RULES)(result)
+  if config.kat.mode == "random":
+    result = rollout.apply_random_truncation(result, jax.random.fold_in(step_key, 1),
+                                             run.random_lengths)
+  new_params, opt_state, m = opd.update(
+      s_graph, s_now, t_graph, t_params, state.opt_state, prompt, start,
+      opd.trim(result, config.kat.window, config.loss.chunk) if config.loss.trim else result,
+      tx=run.tx, cfg=run.loss_cfg, batch_shards=sharding.batch_shards(run.mesh))
+  nnx.update(run.student, new_params)
+  # A skipped (non-finite) update's rollout does not feed the threshold either.
+  th_state, th_m = threshold.observe(state.th_state, result.windows(config.kat.window),
+                                     run.threshold_cfg, accept=~m["skipped"])
+  res = sharding.to_host(result)  # gathered across processes on a multi-host mesh
+  m = {k: float(v) for k, v in sharding.to_host({**m, **th_m}).items()}
+  skips = state.skips + 1 if m["skipped"] else 0
+  return TrainState(opt_state, th_state, skips), res, m, float(sharding.to_host(tau))
+
+
 def train(config, workdir) -> dict:
-  """The main job. Returns the final summary (also printed as a table)."""
+  """The main job: `train_step` for config.steps steps, with evaluation before / during / after,
+  logging (kat_jax.metrics) and checkpoints. Returns the final summary (also printed)."""
   check_resume(config, workdir)
   run = setup(config, workdir)
   main = _main_process()
   run.workdir.mkdir(parents=True, exist_ok=True)
   if main:
     (run.workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-  s_graph, s_params = nnx.split(run.student, nnx.Param)
-  t_graph, t_params = nnx.split(run.teacher)
   # Optimizer moments follow the params' shardings; scalars (step counts, the KAT threshold)
   # are replicated over the mesh, and checkpoints restore them that way.
-  opt_state = opd.init_optimizer(run.tx, s_params)
+  opt_state = opd.init_optimizer(run.tx, nnx.split(run.student, nnx.Param)[1])
   th_state = sharding.onto_mesh(threshold.init(), run.mesh)
   manager = _manager(run)
   start_step, meta = 0, {"consecutive_skips": 0}
@@ -286,155 +348,60 @@ def train(config, workdir) -> dict:
     start_step = latest
     if main:
       print(f"resumed from {run.workdir / 'checkpoints'} at step {latest}", flush=True)
+  state = TrainState(opt_state, th_state, int(meta.get("consecutive_skips", 0)))
 
   key = jax.random.key(config.seed)
-  metrics_file = open(run.workdir / "metrics.jsonl", "a") if main else None
-  # Per-rollout lengths and cuts (config.log_rollouts): what the random-truncation ablation matches.
-  rollouts_file = (open(run.workdir / "rollouts.jsonl", "a") if main and config.log_rollouts
-                   else None)
-  writer = _tensorboard(run.workdir) if main else None
+  logger = metrics.Logger(run.workdir, main, config.log_rollouts)
   eval_key = jax.random.fold_in(key, 2**31)  # the same draws before and after: a paired comparison
   before = evaluate(run, eval_key) if (start_step == 0 and run.benchmarks) else None
   if before:
-    _log(metrics_file, writer, 0, {f"eval/{k}": v
-                                   for k, v in evaluate_lib.flat_metrics(before).items()})
-  totals = dict(generated=0, trained=0, rows=0, terminated=0, saved=0, looped=0)
-  per_step = config.prompts_per_step * config.samples_per_prompt
-  # Rollouts KAT never stops, so the adaptive tau sees uncensored windows (kat_jax/threshold.py).
-  probes = threshold.num_probes(per_step, run.threshold_cfg, config.kat.mode)
-  progress = _progress(config.steps, start_step) if main else None
-  skips = int(meta.get("consecutive_skips", 0))
-  # Converted once: a KAT run's cut lengths can be tens of thousands of entries.
-  random_lengths = jnp.asarray(config.kat.random_lengths, jnp.int32)
-  shards = sharding.batch_shards(run.mesh)  # update row chunks follow it
-  r_shards = sharding.batch_shards(run.rollout_mesh, run.rollout_rules)  # and compaction sizes
-  # [B, ...] rows between the two layouts' batch shardings (cheap next to a rollout).
-  def rows_to(mesh, rules):
-    if run.rollout_mesh is run.mesh:
-      return lambda tree: tree
-    return lambda tree: sharding.reshard(
-        tree, jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim, rules), tree))
-
-  to_rollout = rows_to(run.rollout_mesh, run.rollout_rules)
-  to_train = rows_to(run.mesh, sharding.DEFAULT_RULES)
+    logger.log(0, {f"eval/{k}": v for k, v in evaluate_lib.flat_metrics(before).items()})
+  totals = metrics.Totals()
+  progress = metrics.progress(config.steps, start_step) if main else None
   for step in range(start_step, config.steps):
     t0 = time.perf_counter()
-    step_key = jax.random.fold_in(key, step)
-    problems = run.source.batch(step * config.prompts_per_step, config.prompts_per_step)
-    prompts = [p for p, _ in problems for _ in range(config.samples_per_prompt)]
-    prompt, start = _encode(run, prompts)
-    tau = threshold.tau(th_state, step, run.threshold_cfg)
-    _, s_now = nnx.split(run.student, nnx.Param)
-    probe_B = sharding.put_batch(threshold.probe_mask(per_step, probes, config.seed, step),
-                                 run.rollout_mesh, run.rollout_rules)
-    result = rollout.rollout(rollout_student(run), run.teacher, *to_rollout((prompt, start)),
-                             jax.random.fold_in(step_key, 0), run.rollout_cfg,
-                             tau=tau, spike_tau=config.kat.spike_tau, probe_B=probe_B,
-                             batch_multiple=r_shards)
-    result = to_train(result)
-    if config.kat.mode == "random":
-      result = rollout.apply_random_truncation(result, jax.random.fold_in(step_key, 1),
-                                               random_lengths)
-    new_params, opt_state, m = opd.update(
-        s_graph, s_now, t_graph, t_params, opt_state, prompt, start,
-        opd.trim(result, config.kat.window, config.loss.chunk) if config.loss.trim else result,
-        tx=run.tx, cfg=run.loss_cfg, batch_shards=shards)
-    nnx.update(run.student, new_params)
-    # A skipped (non-finite) update's rollout does not feed the threshold either.
-    th_state, th_m = threshold.observe(th_state, result.windows(config.kat.window),
-                                       run.threshold_cfg, accept=~m["skipped"])
-    res = sharding.to_host(result)  # gathered across processes on a multi-host mesh
-    m = {k: float(v) for k, v in sharding.to_host({**m, **th_m}).items()}
-    skips = skips + 1 if m["skipped"] else 0
-    gen = int(res.length_B.sum())
-    # Probe rows were generated to their end: KAT saved nothing there.
-    stopped = res.terminated_B & ~res.probe_B
-    saved = int(np.sum(np.where(stopped, config.max_new_tokens - res.length_B, 0)))
-    step_time = time.perf_counter() - t0
-    gen_mask = np.arange(res.kl_BxT.shape[1])[None, :] < res.length_B[:, None]
-    # Ground truth for KAT on real models: rollouts with an n-gram repetition loop.
-    loop_B = loops.loop_onsets(res.tokens_BxT, res.length_B)
-    rec = dict(loss=m["loss"], grad_norm=m["grad_norm"], skipped=m["skipped"], empty=m["empty"],
-               kl=float(res.kl_BxT[gen_mask].mean()) if gen else 0.0,
-               kl_sampled=float(res.logratio_BxT[gen_mask].mean()) if gen else 0.0,
-               trap_rate=float(res.terminated_B.mean()), loop_rate=float((loop_B >= 0).mean()),
-               gen_len=float(res.length_B.mean()),
-               trained_len=float(res.trained_len_B.mean()),
-               tokens_saved_frac=saved / max(gen + saved, 1), tau=float(sharding.to_host(tau)),
-               tau_probe=m["tau_probe"], tau_rejected=m["tau_rejected"],
-               tau_imputed=m["tau_imputed"],
-               tokens_per_s=gen / step_time, step_time=step_time)
-    totals["generated"] += gen
-    totals["trained"] += int(res.trained_len_B.sum())
-    totals["rows"] += per_step
-    totals["terminated"] += int(res.terminated_B.sum())
-    totals["saved"] += saved
-    totals["looped"] += int((loop_B >= 0).sum())
-    if skips >= config.max_consecutive_skips:
+    state, res, m, tau = train_step(run, state, step, key)
+    rec, counts, loop_B = metrics.step_record(res, m, tau, config.max_new_tokens,
+                                              time.perf_counter() - t0)
+    totals.add(counts)
+    if state.skips >= config.max_consecutive_skips:
       raise TrainingStopped(
-          f"step {step + 1}: {skips} consecutive non-finite updates (loss {m['loss']}); stopped "
-          f"without saving. The last good checkpoint is step {manager.latest_step()} in "
+          f"step {step + 1}: {state.skips} consecutive non-finite updates (loss {m['loss']}); "
+          f"stopped without saving. The last good checkpoint is step {manager.latest_step()} in "
           f"{run.workdir / 'checkpoints'}; lower optim.learning_rate or check the models.")
     if config.eval_every and (step + 1) % config.eval_every == 0 and run.benchmarks:
-      report = evaluate(run, jax.random.fold_in(step_key, 2))
+      report = evaluate(run, jax.random.fold_in(jax.random.fold_in(key, step), 2))
       rec.update({f"eval/{k}": v for k, v in evaluate_lib.flat_metrics(report).items()})
-    _log(metrics_file, writer, step + 1, rec)
-    if rollouts_file:
-      rollouts_file.write(json.dumps(dict(
-          step=step + 1, length=res.length_B.tolist(), trained_len=res.trained_len_B.tolist(),
-          terminated=res.terminated_B.tolist(), probe=res.probe_B.tolist(), eos=res.eos_B.tolist(),
-          loop_onset=loop_B.tolist())) + "\n")
-      rollouts_file.flush()
+    logger.log(step + 1, rec)
+    logger.log_rollouts(step + 1, res, loop_B)
     if progress:
       progress.update(1)
       progress.set_postfix(loss=f"{rec['loss']:.3f}", kl=f"{rec['kl']:.3f}",
                            trap=f"{rec['trap_rate']:.2f}", tau=f"{rec['tau']:.3g}")
     if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
       manager.save(step + 1, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(_state_tree(run, opt_state, th_state)),
-          meta=ocp.args.JsonSave({"consecutive_skips": skips,
+          state=ocp.args.StandardSave(_state_tree(run, state.opt_state, state.th_state)),
+          meta=ocp.args.JsonSave({"consecutive_skips": state.skips,
                                   "data_position": (step + 1) * config.prompts_per_step})))
   manager.wait_until_finished()
   if progress:
     progress.close()
   after = evaluate(run, eval_key) if run.benchmarks else None
   if after:
-    _log(metrics_file, writer, config.steps, {f"final/{k}": v
-                                              for k, v in evaluate_lib.flat_metrics(after).items()})
-  if metrics_file:
-    metrics_file.close()
-  if rollouts_file:
-    rollouts_file.close()
+    logger.log(config.steps, {f"final/{k}": v
+                              for k, v in evaluate_lib.flat_metrics(after).items()})
+  logger.close()
   for name, report in (("eval_before.json", before), ("eval_after.json", after)):
     if report and main:
       (run.workdir / name).write_text(json.dumps(report, indent=2) + "\n")
-  if writer:
-    writer.close()
-  k = run.eval_cfg.k
-  macro = lambda r, f: r and r["macro"][f"{f}@{k}"]  # noqa: E731
-  summary = dict(
-      steps=config.steps, k=k, avg_before=macro(before, "avg"), avg_after=macro(after, "avg"),
-      pass_before=macro(before, "pass"), pass_after=macro(after, "pass"),
-      mean_rollout_length=totals["generated"] / max(totals["rows"], 1),
-      mean_trained_length=totals["trained"] / max(totals["rows"], 1),
-      trap_rate=totals["terminated"] / max(totals["rows"], 1),
-      loop_rate=totals["looped"] / max(totals["rows"], 1),
-      loop_before=_mean_loop_rate(before), loop_after=_mean_loop_rate(after),
-      tokens_saved_frac=totals["saved"] / max(totals["generated"] + totals["saved"], 1))
+  summary = totals.summary(config.steps, run.eval_cfg.k, before, after)
   if config.export:
     _export(run, run.workdir / "export")
     summary["export"] = str(run.workdir / "export")
   if main:
     (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _print_table(summary, start_step)
+    metrics.print_table(summary, start_step)
   return summary
-
-
-def _mean_loop_rate(report) -> float | None:
-  """Share of held-out completions with a repetition loop, averaged over benchmarks."""
-  rates = [r["loop_rate"] for r in (report or {}).get("benchmarks", {}).values()
-           if "loop_rate" in r]
-  return float(np.mean(rates)) if rates else None
 
 
 def _export(run: Run, out: Path) -> Path:
@@ -444,49 +411,3 @@ def _export(run: Run, out: Path) -> Path:
     nnx.update(run.student, state)
     hf.save(run.student, run.s_cfg, out, tokenizer_dir=run.config.student, overwrite=True)
   return out
-
-
-def _log(f, writer, step, rec):
-  if f is None:  # not process 0
-    return
-  # tau is -inf while KAT warms up: null in the JSONL (strict JSON), absent from TensorBoard.
-  clean = {k: (v if np.isfinite(v) else None) for k, v in rec.items()}
-  f.write(json.dumps({"step": step, **clean}) + "\n")
-  f.flush()
-  if writer:
-    for k, v in clean.items():
-      if v is not None:
-        writer.add_scalar(k, v, step)
-
-
-def _tensorboard(workdir: Path):
-  try:
-    from tensorboardX import SummaryWriter
-  except ImportError:  # TensorBoard files are optional; JSONL is always written
-    return None
-  return SummaryWriter(str(workdir / "tensorboard"))
-
-
-def _progress(total, initial):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=initial, desc="opd", dynamic_ncols=True)
-
-
-def _print_table(summary, start_step):
-  k = summary["k"]
-  rows = [(f"held-out avg@{k} before", summary["avg_before"]),
-          (f"held-out avg@{k} after", summary["avg_after"]),
-          (f"held-out pass@{k} before", summary["pass_before"]),
-          (f"held-out pass@{k} after", summary["pass_after"]),
-          ("mean rollout length (tokens)", summary["mean_rollout_length"]),
-          ("mean trained length (tokens)", summary["mean_trained_length"]),
-          ("trap rate (rows cut by KAT)", summary["trap_rate"]),
-          ("rollouts with a repetition loop", summary["loop_rate"]),
-          ("held-out loop rate before", summary["loop_before"]),
-          ("held-out loop rate after", summary["loop_after"]),
-          ("tokens saved (upper bound)", summary["tokens_saved_frac"])]
-  note = f" (steps {start_step + 1}-{summary['steps']} of this run)" if start_step else ""
-  print(f"\nkat_jax OPD summary{note}")
-  for name, value in rows:
-    text = "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else value)
-    print(f"  {name:<34} {text}")

@@ -1,0 +1,144 @@
+"""What a training run reports: per-step records (metrics.jsonl, TensorBoard), per-rollout
+lengths and cuts (rollouts.jsonl), running totals, and the final summary table. Only process 0
+writes; the records are plain floats computed from host copies."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from kat_jax import loops
+
+
+def step_record(res, m: dict, tau: float, max_new_tokens: int, step_time: float
+                ) -> tuple[dict, dict, np.ndarray]:
+  """(the step's metrics record, its counts for `Totals`, the rows' loop onsets [B]) from the
+  host rollout result `res`, the update / threshold metrics `m` and the step's tau."""
+  gen = int(res.length_B.sum())
+  # Probe rows were generated to their end: KAT saved nothing there.
+  stopped = res.terminated_B & ~res.probe_B
+  saved = int(np.sum(np.where(stopped, max_new_tokens - res.length_B, 0)))
+  gen_mask = np.arange(res.kl_BxT.shape[1])[None, :] < res.length_B[:, None]
+  # Ground truth for KAT on real models: rollouts with an n-gram repetition loop.
+  loop_B = loops.loop_onsets(res.tokens_BxT, res.length_B)
+  rec = dict(loss=m["loss"], grad_norm=m["grad_norm"], skipped=m["skipped"], empty=m["empty"],
+             kl=float(res.kl_BxT[gen_mask].mean()) if gen else 0.0,
+             kl_sampled=float(res.logratio_BxT[gen_mask].mean()) if gen else 0.0,
+             trap_rate=float(res.terminated_B.mean()), loop_rate=float((loop_B >= 0).mean()),
+             gen_len=float(res.length_B.mean()),
+             trained_len=float(res.trained_len_B.mean()),
+             tokens_saved_frac=saved / max(gen + saved, 1), tau=tau,
+             tau_probe=m["tau_probe"], tau_rejected=m["tau_rejected"],
+             tau_imputed=m["tau_imputed"],
+             tokens_per_s=gen / step_time, step_time=step_time)
+  counts = dict(generated=gen, trained=int(res.trained_len_B.sum()), rows=len(res.length_B),
+                terminated=int(res.terminated_B.sum()), saved=saved,
+                looped=int((loop_B >= 0).sum()))
+  return rec, counts, loop_B
+
+
+@dataclasses.dataclass
+class Totals:
+  """Token and row counts summed over the steps of this process's run."""
+  generated: int = 0
+  trained: int = 0
+  rows: int = 0
+  terminated: int = 0
+  saved: int = 0
+  looped: int = 0
+
+  def add(self, counts: dict) -> None:
+    for k, v in counts.items():
+      setattr(self, k, getattr(self, k) + v)
+
+  def summary(self, steps: int, k: int, before, after) -> dict:
+    """The run's summary.json: held-out avg@k / pass@k before and after, lengths, rates."""
+    macro = lambda r, f: r and r["macro"][f"{f}@{k}"]  # noqa: E731
+    rows = max(self.rows, 1)
+    return dict(
+        steps=steps, k=k, avg_before=macro(before, "avg"), avg_after=macro(after, "avg"),
+        pass_before=macro(before, "pass"), pass_after=macro(after, "pass"),
+        mean_rollout_length=self.generated / rows, mean_trained_length=self.trained / rows,
+        trap_rate=self.terminated / rows, loop_rate=self.looped / rows,
+        loop_before=mean_loop_rate(before), loop_after=mean_loop_rate(after),
+        tokens_saved_frac=self.saved / max(self.generated + self.saved, 1))
+
+
+def mean_loop_rate(report) -> float | None:
+  """Share of held-out completions with a repetition loop, averaged over benchmarks."""
+  rates = [r["loop_rate"] for r in (report or {}).get("benchmarks", {}).values()
+           if "loop_rate" in r]
+  return float(np.mean(rates)) if rates else None
+
+
+class Logger:
+  """metrics.jsonl (+ TensorBoard when tensorboardX is installed) and, with `rollouts`,
+  rollouts.jsonl, appended to (a resumed run continues its files). Inert off process 0."""
+
+  def __init__(self, workdir: Path, active: bool, rollouts: bool):
+    self.metrics = open(workdir / "metrics.jsonl", "a") if active else None
+    self.rollouts = open(workdir / "rollouts.jsonl", "a") if active and rollouts else None
+    self.writer = _tensorboard(workdir) if active else None
+
+  def log(self, step: int, rec: dict) -> None:
+    if self.metrics is None:
+      return
+    # tau is -inf while KAT warms up: null in the JSONL (strict JSON), absent from TensorBoard.
+    clean = {k: (v if np.isfinite(v) else None) for k, v in rec.items()}
+    self.metrics.write(json.dumps({"step": step, **clean}) + "\n")
+    self.metrics.flush()
+    if self.writer:
+      for k, v in clean.items():
+        if v is not None:
+          self.writer.add_scalar(k, v, step)
+
+  def log_rollouts(self, step: int, res, loop_B) -> None:
+    """Per-rollout lengths and cuts: what the random-truncation ablation matches."""
+    if self.rollouts is None:
+      return
+    self.rollouts.write(json.dumps(dict(
+        step=step, length=res.length_B.tolist(), trained_len=res.trained_len_B.tolist(),
+        terminated=res.terminated_B.tolist(), probe=res.probe_B.tolist(), eos=res.eos_B.tolist(),
+        loop_onset=loop_B.tolist())) + "\n")
+    self.rollouts.flush()
+
+  def close(self) -> None:
+    for f in (self.metrics, self.rollouts, self.writer):
+      if f is not None:
+        f.close()
+
+
+def _tensorboard(workdir: Path):
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:  # TensorBoard files are optional; JSONL is always written
+    return None
+  return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def progress(total: int, initial: int):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, desc="opd", dynamic_ncols=True)
+
+
+def print_table(summary: dict, start_step: int) -> None:
+  k = summary["k"]
+  rows = [(f"held-out avg@{k} before", summary["avg_before"]),
+          (f"held-out avg@{k} after", summary["avg_after"]),
+          (f"held-out pass@{k} before", summary["pass_before"]),
+          (f"held-out pass@{k} after", summary["pass_after"]),
+          ("mean rollout length (tokens)", summary["mean_rollout_length"]),
+          ("mean trained length (tokens)", summary["mean_trained_length"]),
+          ("trap rate (rows cut by KAT)", summary["trap_rate"]),
+          ("rollouts with a repetition loop", summary["loop_rate"]),
+          ("held-out loop rate before", summary["loop_before"]),
+          ("held-out loop rate after", summary["loop_after"]),
+          ("tokens saved (upper bound)", summary["tokens_saved_frac"])]
+  note = f" (steps {start_step + 1}-{summary['steps']} of this run)" if start_step else ""
+  print(f"\nkat_jax OPD summary{note}")
+  for name, value in rows:
+    text = "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else value)
+    print(f"  {name:<34} {text}")
