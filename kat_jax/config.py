@@ -7,6 +7,7 @@ schema does not know is a typo, reported as such.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
 
@@ -18,6 +19,16 @@ from kat_jax.data import benchmarks, chat, gym, sources
 from kat_jax.models.config import ConfigError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def _section(cls, drop=(), **config_level) -> ml_collections.ConfigDict:
+  """A config section whose defaults are the dataclass `cls`'s own (no second copy to drift),
+  without the `drop` fields the run sets itself, plus `config_level` fields: settings the
+  dataclass does not hold, or a config-level default such as 0 = auto that the run resolves."""
+  fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in drop}
+  if any(v is dataclasses.MISSING for v in fields.values()):
+    raise TypeError(f"{cls.__name__}: every field a config exposes needs a default.")
+  return ml_collections.ConfigDict({**fields, **config_level})
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -42,30 +53,28 @@ def defaults() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="arith", path="", eval_path="", seed=0, n_ops=3, tasks="", instruction="",
       chat_template=False, size=10_000, extract="boxed", heldout_size=256))
-  c.sampling = ml_collections.ConfigDict(dict(temperature=1.0, top_k=0, top_p=1.0))
+  # The sections below take their defaults from the dataclasses the run builds from them (one
+  # source: `_section`); only the config-level fields are written here.
+  c.sampling = _section(rollout.SamplingConfig)
   # cut: onset | detection | onset_floor (onset, never before min_len); see kat_jax/kat.py.
-  c.kat = ml_collections.ConfigDict(dict(
-      mode="kat", signal="kl", window=32, patience=4, min_len=256, cut="onset", spike_gate=False,
-      spike_tau=2.0, fixed_len=0, random_lengths=[0]))
+  # spike_tau / random_lengths: inputs of the rollout (the spike gate's threshold, the lengths
+  # the random-truncation ablation draws from), not of the detector's static config.
+  c.kat = _section(kat.KATConfig, spike_tau=2.0, random_lengths=[0])
   # estimator: probe | censored | observed -- how tau avoids the bias of the windows KAT's own
   # cuts hide; probe_fraction: rollouts per step that KAT never stops (kat_jax/threshold.py).
-  c.threshold = ml_collections.ConfigDict(dict(
-      mode="adaptive", momentum=0.9, quantile=0.2, ratio=0.5, fixed_tau=0.0, warmup_steps=5,
-      estimator="probe", probe_fraction=0.125))
+  c.threshold = _section(threshold.ThresholdConfig)
   # beta: jsd only, TRL convention (0 = forward KL(teacher||student), 1 = reverse KL).
   # microbatches: the update's rows in sequential chunks (less activation memory, same gradient);
   # 0 = auto: ~512-token chunks on CPU (cache-resident, faster), 1 on GPU / TPU.
   # chunk: the LM head + loss over this many positions at a time (0 = all; saves [B, T, V] memory).
   # trim: the update runs on the rollout cut to its longest trained row (a few lengths, each
   # compiled once; same loss and gradient); False = always the full buffer.
-  # temperature: 0 = auto: sampled_pg follows the sampling temperature (it must train the policy
-  # it sampled from); the full-vocabulary objectives use 1.
+  # temperature: 0 = auto (loss_config): sampled_pg follows the sampling temperature (it must
+  # train the policy it sampled from); the full-vocabulary objectives use 1.
   # ratio_clip: sampled_pg's truncated importance sampling, min(ratio, C) (0 = off).
-  c.loss = ml_collections.ConfigDict(dict(objective="sampled_pg", beta=0.5, temperature=0.0,
-                                          ratio_clip=0.0, microbatches=0, chunk=0, trim=True))
-  c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=5e-5, warmup_steps=0, schedule="constant", total_steps=100, weight_decay=0.0,
-      b1=0.9, b2=0.999, clip_norm=1.0, accumulation_steps=1))
+  # vocab_size: the models' shared vocabulary, set per run.
+  c.loss = _section(opd.LossConfig, drop=("vocab_size",), temperature=0.0)
+  c.optim = _section(opd.OptimConfig)
   # Device mesh (kat_jax.sharding): batch over data x fsdp, params FSDP over embed and tensor-
   # parallel over heads / MLP / vocab. -1 = the devices left. The same code from 1 CPU to a pod.
   # rollout_tensor: the rollout's layout (kat_jax.sharding.ROLLOUT_RULES): tensor parallelism over
@@ -96,10 +105,8 @@ def defaults() -> ml_collections.ConfigDict:
   # kat_jax/data/benchmarks.py ('arith', 'math500', 'aime24=/data/aime24.jsonl', 'my.jsonl');
   # "" = the training data's held-out prompts (arith's eval split, or data.eval_path / data.path
   # of a JSONL source), formatted exactly like the training prompts.
-  # max_new_tokens 0 = the training max_new_tokens.
-  c.eval = ml_collections.ConfigDict(dict(
-      benchmarks="", n=4, k=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=0,
-      batch_size=256, workers=2, bootstrap=1000, chat_template=True))
+  # max_new_tokens 0 = auto (eval_config): the training max_new_tokens.
+  c.eval = _section(evaluate.EvalConfig, benchmarks="", max_new_tokens=0, chat_template=True)
   c.export = True
   c.log_rollouts = False  # DIR/rollouts.jsonl: per-rollout length, trained length, cut, EOS
   return c

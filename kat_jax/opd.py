@@ -39,7 +39,7 @@ class OptimConfig:
   learning_rate: float = 5e-5  # Tinker's full fine-tuning default for OPD
   warmup_steps: int = 0
   schedule: str = "constant"  # constant | cosine (after warm-up, to 0 at total_steps)
-  total_steps: int = 1000
+  total_steps: int = 100
   weight_decay: float = 0.0
   b1: float = 0.9
   b2: float = 0.999

@@ -216,6 +216,26 @@ def test_main_reports_bad_config_in_one_line_without_traceback(models, tmp_path)
       "max_new_tokens.")
 
 
+def test_config_sections_take_the_dataclass_defaults():
+  """One source of defaults: each section of config.defaults() holds its dataclass's defaults,
+  except the config-level 'auto' values the run resolves (and fields the dataclass lacks)."""
+  import dataclasses
+
+  from kat_jax import evaluate, kat, opd, rollout, threshold
+  auto = {("loss", "temperature"): 0.0, ("eval", "max_new_tokens"): 0}
+  c = config_lib.defaults()
+  for section, cls in (("sampling", rollout.SamplingConfig), ("kat", kat.KATConfig),
+                       ("threshold", threshold.ThresholdConfig), ("loss", opd.LossConfig),
+                       ("optim", opd.OptimConfig), ("eval", evaluate.EvalConfig)):
+    for f in dataclasses.fields(cls):
+      if f.name in c[section]:
+        want = auto.get((section, f.name), f.default)
+        assert c[section][f.name] == want, (section, f.name, c[section][f.name], want)
+  # The auto values resolve to the dataclasses' meaning for a default run.
+  assert config_lib.loss_config(c, 10).temperature == c.sampling.temperature
+  assert config_lib.eval_config(c).max_new_tokens == c.max_new_tokens
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--config", "configs/nope.py"], "config file 'configs/nope.py' does not exist; give the "
                                       "path of a config file such as configs/arith.py"),
