@@ -109,6 +109,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.eval = _section(evaluate.EvalConfig, benchmarks="", max_new_tokens=0, chat_template=True)
   c.export = True
   c.log_rollouts = False  # DIR/rollouts.jsonl: per-rollout length, trained length, cut, EOS
+  # DIR/samples.jsonl for the dashboard (kat_jax.report, DIR/report.html): this many rollouts
+  # (trapped ones first, up to half) with per-token text, KL and log-probs, at the first step,
+  # every log_samples_every steps and the last; 0 = none.
+  c.log_samples = 4
+  c.log_samples_every = 10
   return c
 
 
@@ -143,7 +148,8 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
   if config.mode not in ("train", "eval", "export"):
     _fail("mode", config.mode, "this validator is for the train / eval / export modes.")
   for field in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
-                "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
+                "checkpoint_every", "keep_checkpoints", "max_consecutive_skips",
+                "log_samples_every"):
     if config[field] < 1:
       _fail(field, config[field], "must be >= 1.")
   if config.attn_chunk < 0:
@@ -155,7 +161,7 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
   if config.mesh.rollout_tensor < -1:
     _fail("mesh.rollout_tensor", config.mesh.rollout_tensor,
           "use -1 (the training layout), 0 (auto) or a group size >= 1.")
-  for field in ("eval_size", "eval_every"):
+  for field in ("eval_size", "eval_every", "log_samples"):
     if config[field] < 0:
       _fail(field, config[field], "must be >= 0 (0 turns it off).")
   m = config.mesh

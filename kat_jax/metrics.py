@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from kat_jax import loops
+from kat_jax import grading, loops
 
 
 def step_record(res, m: dict, tau: float, max_new_tokens: int, step_time: float
@@ -38,6 +39,37 @@ def step_record(res, m: dict, tau: float, max_new_tokens: int, step_time: float
                 terminated=int(res.terminated_B.sum()), saved=saved,
                 looped=int((loop_B >= 0).sum()))
   return rec, counts, loop_B
+
+
+def sample_rows(res, loop_B, prompts: list[str], answers: list, decode, n: int,
+                extract: str = "boxed") -> list[dict]:
+  """Up to `n` rollouts of a step for the dashboard (kat_jax.report): KAT-cut rows first (at
+  most half), then the others, in row order; per token its text, KL and both log-probs, and
+  whether the completion's answer is right (None when the row has no answer to grade)."""
+  stopped = np.flatnonzero(res.terminated_B & ~res.probe_B)[: n // 2]
+  rest = [i for i in range(len(res.length_B)) if i not in set(stopped.tolist())]
+  chosen = sorted(stopped.tolist() + rest[: n - len(stopped)])
+  rows, texts, golds = [], [], []
+  for i in chosen:
+    n_tok = int(res.length_B[i])
+    ids = res.tokens_BxT[i, :n_tok].tolist()
+    r4 = lambda a: [round(float(x), 4) for x in a[i, :n_tok]]  # noqa: E731
+    rows.append(dict(
+        row=i, prompt=prompts[i], tokens=[decode([t]) for t in ids], kl=r4(res.kl_BxT),
+        logp_s=r4(res.logp_student_BxT), logp_t=r4(res.logp_teacher_BxT), length=n_tok,
+        trained_len=int(res.trained_len_B[i]), terminated=bool(res.terminated_B[i]),
+        probe=bool(res.probe_B[i]), eos=bool(res.eos_B[i]), onset=int(res.onset_B[i]),
+        detect=int(res.detect_B[i]), loop_onset=int(loop_B[i]), correct=None))
+    texts.append(decode(ids))
+    golds.append(answers[i])
+  graded = [k for k, g in enumerate(golds) if g not in (None, "")]
+  if graded:
+    workers = 0 if threading.current_thread() is threading.main_thread() else 1
+    marks = grading.grade_many([texts[k] for k in graded], [str(golds[k]) for k in graded],
+                               workers=workers, extract=extract)
+    for k, ok in zip(graded, marks):
+      rows[k]["correct"] = bool(ok)
+  return rows
 
 
 @dataclasses.dataclass
@@ -78,10 +110,18 @@ class Logger:
   """metrics.jsonl (+ TensorBoard when tensorboardX is installed) and, with `rollouts`,
   rollouts.jsonl, appended to (a resumed run continues its files). Inert off process 0."""
 
-  def __init__(self, workdir: Path, active: bool, rollouts: bool):
+  def __init__(self, workdir: Path, active: bool, rollouts: bool, samples: bool = False):
     self.metrics = open(workdir / "metrics.jsonl", "a") if active else None
     self.rollouts = open(workdir / "rollouts.jsonl", "a") if active and rollouts else None
+    self.samples = open(workdir / "samples.jsonl", "a") if active and samples else None
     self.writer = _tensorboard(workdir) if active else None
+
+  def log_samples(self, step: int, rows: list[dict]) -> None:
+    """One step's `sample_rows` for the dashboard."""
+    if self.samples is None:
+      return
+    self.samples.write(json.dumps({"step": step, "rows": rows}) + "\n")
+    self.samples.flush()
 
   def log(self, step: int, rec: dict) -> None:
     if self.metrics is None:
@@ -106,7 +146,7 @@ class Logger:
     self.rollouts.flush()
 
   def close(self) -> None:
-    for f in (self.metrics, self.rollouts, self.writer):
+    for f in (self.metrics, self.rollouts, self.samples, self.writer):
       if f is not None:
         f.close()
 

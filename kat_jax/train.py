@@ -22,6 +22,7 @@ from flax import nnx
 
 from kat_jax import evaluate as evaluate_lib
 from kat_jax import aot, hf, memory, metrics, opd, rollout, sharding, threshold
+from kat_jax import report as dashboard
 from kat_jax.config import eval_config, loss_config, rollout_config, threshold_config
 from kat_jax.data import benchmarks as bench_lib
 from kat_jax.data import sources
@@ -289,7 +290,7 @@ def train_step(run: Run, state: TrainState, step: int, key):
   """One OPD step: the step's prompts -> fused student + teacher rollout with KAT (in the
   rollout layout) -> [the random-truncation ablation] -> the optax update on the trimmed batch
   -> the threshold's statistics. Returns (state, the rollout result on the host, the update and
-  threshold metrics as floats, tau as a float)."""
+  threshold metrics as floats, tau as a float, the step's (prompt, answer) problems)."""
   config = run.config
   per_step = config.prompts_per_step * config.samples_per_prompt
   step_key = jax.random.fold_in(key, step)
@@ -324,7 +325,7 @@ def train_step(run: Run, state: TrainState, step: int, key):
   res = sharding.to_host(result)  # gathered across processes on a multi-host mesh
   m = {k: float(v) for k, v in sharding.to_host({**m, **th_m}).items()}
   skips = state.skips + 1 if m["skipped"] else 0
-  return TrainState(opt_state, th_state, skips), res, m, float(sharding.to_host(tau))
+  return TrainState(opt_state, th_state, skips), res, m, float(sharding.to_host(tau)), problems
 
 
 def train(config, workdir) -> dict:
@@ -351,7 +352,7 @@ def train(config, workdir) -> dict:
   state = TrainState(opt_state, th_state, int(meta.get("consecutive_skips", 0)))
 
   key = jax.random.key(config.seed)
-  logger = metrics.Logger(run.workdir, main, config.log_rollouts)
+  logger = metrics.Logger(run.workdir, main, config.log_rollouts, config.log_samples > 0)
   eval_key = jax.random.fold_in(key, 2**31)  # the same draws before and after: a paired comparison
   before = evaluate(run, eval_key) if (start_step == 0 and run.benchmarks) else None
   if before:
@@ -360,7 +361,7 @@ def train(config, workdir) -> dict:
   progress = metrics.progress(config.steps, start_step) if main else None
   for step in range(start_step, config.steps):
     t0 = time.perf_counter()
-    state, res, m, tau = train_step(run, state, step, key)
+    state, res, m, tau, problems = train_step(run, state, step, key)
     rec, counts, loop_B = metrics.step_record(res, m, tau, config.max_new_tokens,
                                               time.perf_counter() - t0)
     totals.add(counts)
@@ -374,6 +375,13 @@ def train(config, workdir) -> dict:
       rec.update({f"eval/{k}": v for k, v in evaluate_lib.flat_metrics(report).items()})
     logger.log(step + 1, rec)
     logger.log_rollouts(step + 1, res, loop_B)
+    if main and config.log_samples and (step == start_step or step + 1 == config.steps
+                                        or (step + 1) % config.log_samples_every == 0):
+      rows = [(p, a) for p, a in problems for _ in range(config.samples_per_prompt)]
+      logger.log_samples(step + 1, metrics.sample_rows(
+          res, loop_B, [p for p, _ in rows], [a for _, a in rows],
+          lambda ids: run.tokenizer.decode(ids, skip_special_tokens=False), config.log_samples,
+          config.data.extract))
     if progress:
       progress.update(1)
       progress.set_postfix(loss=f"{rec['loss']:.3f}", kl=f"{rec['kl']:.3f}",
@@ -401,6 +409,7 @@ def train(config, workdir) -> dict:
   if main:
     (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics.print_table(summary, start_step)
+    print(f"dashboard: {dashboard.build(run.workdir)}")
   return summary
 
 
