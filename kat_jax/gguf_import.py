@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from kat_jax import hf
+from kat_jax import hf, safetensors_io
 from kat_jax.models import ModelConfig
 
 # Short names for GGUF files that ship inside PyPI wheels: name -> (module, file, pip command).
@@ -81,7 +81,7 @@ def convert(gguf: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool 
   state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
   # Exactly the tensors kat_jax (and transformers) expect for this config: a tied head is not
   # stored; anything else unexpected is an error rather than silently dropped.
-  wanted = [name for name, _ in hf._param_map(cfg).values()]
+  wanted = [name for name, _ in hf.param_map(cfg).values()]
   tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
   extra = sorted(set(state) - set(wanted) - tied_head)
   missing = sorted(set(wanted) - set(state))
@@ -90,7 +90,7 @@ def convert(gguf: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool 
                              f"(missing {missing[:5]}, unexpected {extra[:5]}).")
 
   with hf.atomic_directory(out) as tmp:
-    hf._write_weights(tmp, ((name, state[name]) for name in wanted), hf.DEFAULT_MAX_SHARD_BYTES)
+    safetensors_io.write_weights(tmp, ((name, state[name]) for name in wanted), safetensors_io.DEFAULT_MAX_SHARD_BYTES)
     (tmp / "config.json").write_text(json.dumps(cfg.to_hf("float32"), indent=2) + "\n")
     hf.write_generation_config(tmp, cfg)
     tokenizer.save_pretrained(tmp)

@@ -28,25 +28,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from kat_jax import sharding as sharding_lib
+from kat_jax import safetensors_io as st
 from kat_jax.errors import CheckpointError, ConfigError
 from kat_jax.models import ModelConfig, Transformer
 
-SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
 # Tensors some published checkpoints carry that hold no parameters.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 def default_dtype() -> str:
@@ -63,7 +57,7 @@ def default_dtype() -> str:
 #   heads_bias HF (N*D,)     <-> (N, D)      q/k/v bias
 
 
-def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, str]]:
+def param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, str]]:
   table = {("embed",): ("model.embed_tokens.weight", "same"),
            ("final_norm", "scale"): ("model.norm.weight", "same")}
   if not cfg.tie_embeddings:
@@ -136,73 +130,6 @@ def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
   raise AssertionError(kind)
 
 
-# --------------------------------------------------------------------------- safetensors I/O
-
-
-@dataclasses.dataclass(frozen=True)
-class _TensorInfo:
-  file: Path
-  dtype: str
-  shape: tuple[int, ...]
-  begin: int  # absolute byte offset in the file
-  end: int
-
-
-def _read_header(file: Path) -> dict[str, _TensorInfo]:
-  with open(file, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    try:
-      header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise CheckpointError(f"{file} is not a safetensors file ({e}).") from None
-  base = 8 + n
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    b, e = info["data_offsets"]
-    out[name] = _TensorInfo(file, info["dtype"], tuple(info["shape"]), base + b, base + e)
-  return out
-
-
-def _read_tensor(info: _TensorInfo) -> np.ndarray:
-  if info.dtype not in SAFETENSORS_DTYPES:
-    raise CheckpointError(f"{info.file}: dtype {info.dtype} is not supported.")
-  dtype = np.dtype(SAFETENSORS_DTYPES[info.dtype])
-  count = int(np.prod(info.shape, dtype=np.int64))
-  if count == 0:
-    return np.zeros(info.shape, dtype)
-  # Zero-copy: the OS pages the bytes in when the conversion below touches them.
-  return np.memmap(info.file, dtype=dtype, mode="r", offset=info.begin,
-                   shape=(count,)).reshape(info.shape)
-
-
-def _index_checkpoint(path: Path) -> dict[str, _TensorInfo]:
-  index = path / "model.safetensors.index.json"
-  single = path / "model.safetensors"
-  if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    files = sorted(set(weight_map.values()))
-    infos = {}
-    for name in files:
-      if not (path / name).exists():
-        raise CheckpointError(f"{index} lists shard {name!r}, which is missing from {path}.")
-      infos.update(_read_header(path / name))
-    return infos
-  if single.exists():
-    return _read_header(single)
-  found = sorted(p.name for p in path.iterdir())
-  raise CheckpointError(
-      f"{path} has neither model.safetensors nor model.safetensors.index.json (found {found}); "
-      "save the model with `save_pretrained(..., safe_serialization=True)`.")
-
-
-def _write_safetensors(file: Path, tensors: dict[str, np.ndarray]) -> None:
-  from safetensors.numpy import save_file  # writes bf16 through ml_dtypes
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(file),
-            metadata={"format": "pt"})  # transformers refuses files without format=pt
-
-
 # ------------------------------------------------------------------------------------ load
 
 
@@ -233,9 +160,9 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.M
   path = Path(path)
   dtype = dtype or default_dtype()
   cfg = read_config(path, param_dtype=dtype, dtype=compute_dtype or dtype)
-  infos = _index_checkpoint(path)
+  infos = st.index_checkpoint(path)
 
-  table = _param_map(cfg)
+  table = param_map(cfg)
   expected = {hf_name for hf_name, _ in table.values()}
   ignored = {n for n in infos if n.endswith(_IGNORED_SUFFIXES)}
   if cfg.tie_embeddings:
@@ -262,7 +189,7 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.M
       raise CheckpointError(
           f"{path}: tensor {hf_name} has shape {list(info.shape)}, but config.json implies "
           f"{list(_hf_shape(kind, shape))}; the weights and config.json disagree.")
-    x = _to_ours(kind, _read_tensor(info), shape).astype(jnp.dtype(dtype))
+    x = _to_ours(kind, st.read_tensor(info), shape).astype(jnp.dtype(dtype))
     if mesh is not None:
       names = var.get_metadata().get("out_sharding")
       target = sharding_lib.named_sharding(names, shape, mesh, rules)
@@ -287,7 +214,7 @@ def _head(names: list[str], n: int = 5) -> str:
 
 def _model_tensors(model: Transformer, config: ModelConfig, dtype) -> Iterator[tuple[str, np.ndarray]]:
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  for our_path, (hf_name, kind) in _param_map(config).items():
+  for our_path, (hf_name, kind) in param_map(config).items():
     # device_get gathers a sharded array to host (single-process; multi-host gathers first).
     x = np.asarray(jax.device_get(flat[our_path].get_value()))
     yield hf_name, _to_hf(kind, x).astype(dtype)
@@ -295,7 +222,7 @@ def _model_tensors(model: Transformer, config: ModelConfig, dtype) -> Iterator[t
 
 def save(model: Transformer, config: ModelConfig, out_dir: str | os.PathLike,
          tokenizer_dir: str | os.PathLike | None = None, *, dtype: str | None = None,
-         overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+         overwrite: bool = False, max_shard_bytes: int = st.DEFAULT_MAX_SHARD_BYTES) -> Path:
   """Writes an HF directory (config, safetensors, generation config, tokenizer) atomically.
 
   dtype: tensor dtype on disk (default: the dtype of the checkpoint the model was loaded from, so
@@ -322,7 +249,7 @@ def save(model: Transformer, config: ModelConfig, out_dir: str | os.PathLike,
   np_dtype = np.dtype(jnp.dtype(dtype))
 
   with atomic_directory(out_dir) as tmp:
-    _write_weights(tmp, _model_tensors(model, config, np_dtype), max_shard_bytes)
+    st.write_weights(tmp, _model_tensors(model, config, np_dtype), max_shard_bytes)
     (tmp / "config.json").write_text(json.dumps(config.to_hf(dtype), indent=2) + "\n")
     write_generation_config(tmp, config)
     for f in tok_files:
@@ -364,45 +291,6 @@ def write_generation_config(directory: Path, config: ModelConfig) -> None:
          "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
          "pad_token_id": config.pad_token_id}
   (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-
-
-def _write_weights(directory: Path, tensors: Iterator[tuple[str, np.ndarray]],
-                   max_shard_bytes: int) -> None:
-  # Greedy sharding in param order; shards are written as they fill, so host memory holds at most
-  # one shard of converted tensors.
-  shards: list[list[str]] = []
-  current: dict[str, np.ndarray] = {}
-  current_bytes = total = 0
-  tmp_names = []
-
-  def flush():
-    nonlocal current, current_bytes
-    name = f"shard-{len(tmp_names):05d}.tmp"
-    _write_safetensors(directory / name, current)
-    tmp_names.append(name)
-    shards.append(list(current))
-    current, current_bytes = {}, 0
-
-  for name, x in tensors:
-    if current and current_bytes + x.nbytes > max_shard_bytes:
-      flush()
-    current[name] = x
-    current_bytes += x.nbytes
-    total += x.nbytes
-  if current or not shards:
-    flush()
-
-  if len(shards) == 1:
-    os.rename(directory / tmp_names[0], directory / "model.safetensors")
-    return
-  weight_map = {}
-  n = len(shards)
-  for i, (tmp_name, names) in enumerate(zip(tmp_names, shards)):
-    final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-    os.rename(directory / tmp_name, directory / final)
-    weight_map.update({k: final for k in names})
-  index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-  (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------- compatibility

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kat_jax import hf
+from kat_jax import hf, safetensors_io
 from kat_jax.data.sources import iter_jsonl
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -131,17 +131,17 @@ def prune(model_dir: str | os.PathLike, out: str | os.PathLike, keep: list[int],
                      "directory.")
   if not overwrite:
     hf.check_new_directory(out, "pass --overwrite to replace it")
-  infos = hf._index_checkpoint(model_dir)
+  infos = safetensors_io.index_checkpoint(model_dir)
   new_index = {old: new for new, old in enumerate(keep)}
 
   def tensors():
     for name, info in infos.items():
       match = _LAYER.match(name)
       if match is None:
-        yield name, hf._read_tensor(info)
+        yield name, safetensors_io.read_tensor(info)
       elif int(match.group(1)) in new_index:
         yield f"model.layers.{new_index[int(match.group(1))]}.{match.group(2)}", \
-            hf._read_tensor(info)
+            safetensors_io.read_tensor(info)
 
   hf_cfg = json.loads((model_dir / "config.json").read_text())
   hf_cfg["num_hidden_layers"] = len(keep)
@@ -150,7 +150,7 @@ def prune(model_dir: str | os.PathLike, out: str | os.PathLike, keep: list[int],
     if isinstance(value, list) and len(value) == cfg.num_layers and key != "architectures":
       hf_cfg[key] = [value[i] for i in keep]
   with hf.atomic_directory(out) as tmp:
-    hf._write_weights(tmp, tensors(), hf.DEFAULT_MAX_SHARD_BYTES)
+    safetensors_io.write_weights(tmp, tensors(), safetensors_io.DEFAULT_MAX_SHARD_BYTES)
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     for f in hf.TOKENIZER_FILES + ("generation_config.json",):
       if (model_dir / f).exists():

@@ -12,7 +12,7 @@ from flax import nnx
 
 from hf_fixtures import (FAMILIES, VOCAB, make_hf_model, make_tokenizer, to_legacy_layout,
                          torch_logits)
-from kat_jax import hf, sharding
+from kat_jax import hf, safetensors_io, sharding
 from kat_jax.models import ConfigError, ModelConfig, Transformer
 
 CASES = [(f, tied) for f in FAMILIES for tied in (False, True)]
@@ -101,8 +101,8 @@ def test_save_then_transformers_loads_same_logits(case, tmp_path):
 def _tensors(directory: Path) -> dict[str, tuple[str, tuple, bytes]]:
   out = {}
   for f in sorted(directory.glob("*.safetensors")):
-    for name, info in hf._read_header(f).items():
-      out[name] = (info.dtype, info.shape, hf._read_tensor(info).tobytes())
+    for name, info in safetensors_io.read_header(f).items():
+      out[name] = (info.dtype, info.shape, safetensors_io.read_tensor(info).tobytes())
   return out
 
 
@@ -198,10 +198,10 @@ def _edit_tensors(src: Path, dst: Path, fn):
   """Copies an HF dir, rewriting its tensors with fn(dict) -> dict."""
   import shutil
   shutil.copytree(src, dst)
-  tensors = {n: np.array(hf._read_tensor(i)) for n, i in hf._read_header(
+  tensors = {n: np.array(safetensors_io.read_tensor(i)) for n, i in safetensors_io.read_header(
       src / "model.safetensors").items()}
   os.remove(dst / "model.safetensors")
-  hf._write_safetensors(dst / "model.safetensors", fn(tensors))
+  safetensors_io.write_file(dst / "model.safetensors", fn(tensors))
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ def test_save_refuses_nonempty_dir_and_never_half_writes(llama_dir, tmp_path, mo
   # the existing directory untouched, even with overwrite=True.
   def boom(*args, **kwargs):
     raise OSError("disk full")
-  monkeypatch.setattr(hf, "_write_safetensors", boom)
+  monkeypatch.setattr(safetensors_io, "write_file", boom)
   with pytest.raises(OSError, match="disk full"):
     hf.save(model, cfg, target, overwrite=True)
   with pytest.raises(OSError, match="disk full"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kat_jax import hf
+from kat_jax import safetensors_io
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_fixtures import make_models  # noqa: E402
@@ -71,10 +71,10 @@ def test_two_processes_train_like_one(models, tmp_path):
       if key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
   assert (tmp_path / "two" / "checkpoints" / "2").is_dir()
-  x = {n: hf._read_tensor(i) for n, i in
-       hf._read_header(tmp_path / "one" / "export" / "model.safetensors").items()}
-  y = {n: hf._read_tensor(i) for n, i in
-       hf._read_header(tmp_path / "two" / "export" / "model.safetensors").items()}
+  x = {n: safetensors_io.read_tensor(i) for n, i in
+       safetensors_io.read_header(tmp_path / "one" / "export" / "model.safetensors").items()}
+  y = {n: safetensors_io.read_tensor(i) for n, i in
+       safetensors_io.read_header(tmp_path / "two" / "export" / "model.safetensors").items()}
   assert x.keys() == y.keys()
   for n in x:
     np.testing.assert_allclose(y[n], x[n], rtol=1e-4, atol=1e-6, err_msg=n)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kat_jax import config as config_lib
-from kat_jax import hf, train
+from kat_jax import hf, safetensors_io, train
 from kat_jax.models import ConfigError
 from train_fixtures import make_models, tiny_config
 
@@ -77,10 +77,10 @@ def test_resume_after_process_exit_is_bit_exact(models, tmp_path):
   for step in (1, 2, 3, 4):
     for key in STEP_KEYS:
       assert a[step][key] == b[step][key], (step, key)
-  ta = {n: hf._read_tensor(i).tobytes() for n, i in
-        hf._read_header(straight / "export" / "model.safetensors").items()}
-  tb = {n: hf._read_tensor(i).tobytes() for n, i in
-        hf._read_header(resumed / "export" / "model.safetensors").items()}
+  ta = {n: safetensors_io.read_tensor(i).tobytes() for n, i in
+        safetensors_io.read_header(straight / "export" / "model.safetensors").items()}
+  tb = {n: safetensors_io.read_tensor(i).tobytes() for n, i in
+        safetensors_io.read_header(resumed / "export" / "model.safetensors").items()}
   assert ta == tb
   # The export is a model transformers-compatible tooling (and kat_jax) loads back.
   model, _ = hf.load(resumed / "export")
@@ -270,14 +270,14 @@ def test_eval_and_export_modes_use_the_latest_checkpoint(models, tmp_path):
   out = _main(["--config", spec, "--workdir", str(workdir), "--config.mode=export"])
   assert out.returncode != 0 and "no checkpoint" in out.stderr.splitlines()[-1]
   assert _main(["--config", spec, "--workdir", str(workdir)]).returncode == 0
-  trained = {n: hf._read_tensor(i).tobytes() for n, i in
-             hf._read_header(workdir / "export" / "model.safetensors").items()}
+  trained = {n: safetensors_io.read_tensor(i).tobytes() for n, i in
+             safetensors_io.read_header(workdir / "export" / "model.safetensors").items()}
   import shutil
   shutil.rmtree(workdir / "export")
   out = _main(["--config", spec, "--workdir", str(workdir), "--config.mode=export"])
   assert out.returncode == 0, out.stderr[-2000:]
-  again = {n: hf._read_tensor(i).tobytes() for n, i in
-           hf._read_header(workdir / "export" / "model.safetensors").items()}
+  again = {n: safetensors_io.read_tensor(i).tobytes() for n, i in
+           safetensors_io.read_header(workdir / "export" / "model.safetensors").items()}
   assert again == trained  # the checkpoint's params, not the initial student's
   out = _main(["--config", spec, "--workdir", str(workdir), "--config.mode=eval"])
   assert out.returncode == 0, out.stderr[-2000:]
