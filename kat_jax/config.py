@@ -145,6 +145,32 @@ def _check_schema(config, schema, prefix=""):
 def validate(config, workdir: str | None = None, check_models: bool = True) -> None:
   """Raises ConfigError (one line: field, value, fix) for anything the run cannot do."""
   _check_schema(config, defaults())
+  _check_scalars(config)
+  shape = _check_mesh_and_batch(config)
+  _check_kat(config)
+  _check_eval(config)
+  _check_data(config)
+  positions = _check_dataclasses(config)
+  if config.mode == "train":
+    _check_objective(config)
+  if (config.kat.mode == "kat" and config.threshold.mode != "fixed"
+      and config.threshold.estimator == "probe" and config.threshold.probe_fraction == 0):
+    _fail("threshold.probe_fraction", 0.0, "leaves the 'probe' estimator without probe rows; set "
+          "threshold.probe_fraction > 0 (e.g. 0.125) or threshold.estimator='censored'.")
+  chunk = config.loss.chunk
+  if 0 < chunk < positions and positions % chunk:
+    divisors = [d for d in range(config.kat.window, positions + 1, config.kat.window)
+                if positions % d == 0]
+    _fail("loss.chunk", chunk, f"must divide the {positions} generated positions (max_new_tokens "
+          f"rounded up to whole kat.window={config.kat.window} windows); use one of {divisors}.")
+  if check_models:
+    _check_models(config, shape)
+  if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
+    raise ConfigError(f"--workdir={workdir!r} exists and is not a directory; choose another path.")
+
+
+def _check_scalars(config) -> None:
+  """Counts, sizes and switches of the top level."""
   if config.mode not in ("train", "eval", "export"):
     _fail("mode", config.mode, "this validator is for the train / eval / export modes.")
   for field in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
@@ -164,6 +190,11 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
   for field in ("eval_size", "eval_every", "log_samples"):
     if config[field] < 0:
       _fail(field, config[field], "must be >= 0 (0 turns it off).")
+
+
+def _check_mesh_and_batch(config) -> tuple[int, int, int]:
+  """The mesh resolves on these devices and the batch splits over its batch shards (times the
+  micro-batches); returns the mesh shape."""
   m = config.mesh
   try:
     shape = sharding.mesh_shape(m.data, m.fsdp, m.tensor)
@@ -177,6 +208,10 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
           f"the batch prompts_per_step x samples_per_prompt = {batch} must be divisible by the "
           f"{shape[0] * shape[1]} batch shards (mesh data x fsdp) of the {jax.device_count()} "
           f"devices times loss.microbatches={config.loss.microbatches}.")
+  return shape
+
+
+def _check_kat(config) -> None:
   if config.kat.window > config.max_new_tokens:
     _fail("kat.window", config.kat.window,
           f"longer than max_new_tokens={config.max_new_tokens}; lower kat.window or raise "
@@ -186,6 +221,10 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     _fail("kat.random_lengths", list(config.kat.random_lengths)[:8],
           "mode='random' needs a non-empty list of lengths >= 0 to draw cut points from (e.g. a "
           "KAT run's trained lengths from its rollouts.jsonl; see configs/arith_compare.py).")
+
+
+def _check_eval(config) -> None:
+  """Benchmark specs parse and their files exist."""
   try:
     specs = benchmarks.parse_specs(config.eval.benchmarks) if config.eval.benchmarks else []
   except ValueError as e:
@@ -194,6 +233,10 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     if path is not None and not Path(path).is_file():
       _fail("eval.benchmarks", config.eval.benchmarks,
             f"benchmark file {path!r} ({name}) does not exist; give an existing JSONL file.")
+
+
+def _check_data(config) -> None:
+  """The prompt source exists, parses, and leaves prompts for a held-out evaluation."""
   if config.data.source not in ("arith", "jsonl", "reasoning_gym"):
     _fail("data.source", config.data.source, "use 'arith', 'jsonl' or 'reasoning_gym'.")
   if config.data.extract not in ("boxed", "last_number"):
@@ -223,6 +266,13 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
       _fail("data.heldout_size", config.data.heldout_size,
             f"data.path holds {n} record: too few to hold any out for evaluation; give "
             "data.eval_path, eval.benchmarks, or eval_size=0.")
+  if config.data.heldout_size < 0:
+    _fail("data.heldout_size", config.data.heldout_size, "must be >= 0.")
+
+
+def _check_dataclasses(config) -> int:
+  """The dataclasses' own range checks, reported with the config field; returns the rollout's
+  buffer length (max_new_tokens rounded up to whole KAT windows)."""
   try:  # the dataclasses' own range checks, reported with the config field
     positions = rollout_config(config, (0,), 0, 2**31 - 1).buffer_len
     threshold_config(config)
@@ -234,51 +284,40 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
     eval_config(config)
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
-  if config.mode == "train":
-    _check_objective(config)
-  if (config.kat.mode == "kat" and config.threshold.mode != "fixed"
-      and config.threshold.estimator == "probe" and config.threshold.probe_fraction == 0):
-    _fail("threshold.probe_fraction", 0.0, "leaves the 'probe' estimator without probe rows; set "
-          "threshold.probe_fraction > 0 (e.g. 0.125) or threshold.estimator='censored'.")
-  if config.data.heldout_size < 0:
-    _fail("data.heldout_size", config.data.heldout_size, "must be >= 0.")
-  chunk = config.loss.chunk
-  if 0 < chunk < positions and positions % chunk:
-    divisors = [d for d in range(config.kat.window, positions + 1, config.kat.window)
-                if positions % d == 0]
-    _fail("loss.chunk", chunk, f"must divide the {positions} generated positions (max_new_tokens "
-          f"rounded up to whole kat.window={config.kat.window} windows); use one of {divisors}.")
-  if check_models:
-    # mode=eval samples from the student alone: no teacher needed.
-    for field in ("student",) if config.mode == "eval" else ("student", "teacher"):
-      path = Path(config[field])
-      if not (path / "config.json").is_file():
-        _fail(field, config[field], "not a Hugging Face model directory (no config.json); give "
-              "the path of a local model directory.")
-    if config.data.source == "reasoning_gym" and config.data.chat_template:
-      if chat.load_template(config.student)[0] is None:
-        _fail("data.chat_template", True, f"the student {config.student} has no chat template; "
-              "set data.chat_template=False (a base model) or use an instruct model.")
-    try:
-      vocab = (hf.check_compatible(config.student, config.teacher).vocab_size
-               if config.mode != "eval" else None)
-    except ValueError as e:
-      raise ConfigError(f"config.student / config.teacher: {e}") from None
-    try:
-      if vocab is not None:
-        rollout.check_top_k(rollout.SamplingConfig(**config.sampling), vocab, "sampling")
-        rollout.check_top_k(rollout.SamplingConfig(top_k=config.eval.top_k), vocab, "eval")
-    except ValueError as e:
-      raise ConfigError(f"config.{e}") from None
-    roles = ("student",) if config.mode == "eval" else ("student", "teacher")
-    try:
-      sharding.resolve_rollout_tensor(config.mesh.rollout_tensor, sharding.make_mesh(shape),
-                                      [hf.read_config(config[r]) for r in roles])
-    except ValueError as e:
-      _fail("mesh.rollout_tensor", config.mesh.rollout_tensor,
-            str(e).split(": ", 1)[-1].replace("mesh.rollout_tensor=", "group size "))
-  if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
-    raise ConfigError(f"--workdir={workdir!r} exists and is not a directory; choose another path.")
+  return positions
+
+
+def _check_models(config, shape) -> None:
+  """Model directories, student / teacher compatibility, top-k within the vocabulary and the
+  rollout's tensor-parallel groups against the heads (reads config.json / tokenizer files only)."""
+  # mode=eval samples from the student alone: no teacher needed.
+  for field in ("student",) if config.mode == "eval" else ("student", "teacher"):
+    path = Path(config[field])
+    if not (path / "config.json").is_file():
+      _fail(field, config[field], "not a Hugging Face model directory (no config.json); give "
+            "the path of a local model directory.")
+  if config.data.source == "reasoning_gym" and config.data.chat_template:
+    if chat.load_template(config.student)[0] is None:
+      _fail("data.chat_template", True, f"the student {config.student} has no chat template; "
+            "set data.chat_template=False (a base model) or use an instruct model.")
+  try:
+    vocab = (hf.check_compatible(config.student, config.teacher).vocab_size
+             if config.mode != "eval" else None)
+  except ValueError as e:
+    raise ConfigError(f"config.student / config.teacher: {e}") from None
+  try:
+    if vocab is not None:
+      rollout.check_top_k(rollout.SamplingConfig(**config.sampling), vocab, "sampling")
+      rollout.check_top_k(rollout.SamplingConfig(top_k=config.eval.top_k), vocab, "eval")
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
+  roles = ("student",) if config.mode == "eval" else ("student", "teacher")
+  try:
+    sharding.resolve_rollout_tensor(config.mesh.rollout_tensor, sharding.make_mesh(shape),
+                                    [hf.read_config(config[r]) for r in roles])
+  except ValueError as e:
+    _fail("mesh.rollout_tensor", config.mesh.rollout_tensor,
+          str(e).split(": ", 1)[-1].replace("mesh.rollout_tensor=", "group size "))
 
 
 def _check_objective(config) -> None:
