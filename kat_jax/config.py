@@ -42,7 +42,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.prompts_per_step = 16
   c.samples_per_prompt = 4
   c.max_new_tokens = 64
-  # source: arith | jsonl (path, eval_path) | reasoning_gym (tasks, kat_jax/data/gym.py).
+  # source: arith | jsonl (path, eval_path) | reasoning_gym (tasks, kat_jax/data/gym.py) |
+  # tfds (path = a prepared dataset's directory; split / eval_split; prompt_field / answer_field).
   # instruction / chat_template: reasoning_gym prompts = question + instruction, through the
   # student's chat template; size: items per generator (the source cycles through them).
   # extract: how the held-out prompts' answers are read ('boxed' | 'last_number'; benchmarks
@@ -52,7 +53,8 @@ def defaults() -> ml_collections.ConfigDict:
   # not when eval.benchmarks names the evaluation (then the whole file trains).
   c.data = ml_collections.ConfigDict(dict(
       source="arith", path="", eval_path="", seed=0, n_ops=3, tasks="", instruction="",
-      chat_template=False, size=10_000, extract="boxed", heldout_size=256))
+      chat_template=False, size=10_000, extract="boxed", heldout_size=256, split="train",
+      eval_split="test", prompt_field="prompt", answer_field="answer"))
   # The sections below take their defaults from the dataclasses the run builds from them (one
   # source: `_section`); only the config-level fields are written here.
   c.sampling = _section(rollout.SamplingConfig)
@@ -237,8 +239,17 @@ def _check_eval(config) -> None:
 
 def _check_data(config) -> None:
   """The prompt source exists, parses, and leaves prompts for a held-out evaluation."""
-  if config.data.source not in ("arith", "jsonl", "reasoning_gym"):
-    _fail("data.source", config.data.source, "use 'arith', 'jsonl' or 'reasoning_gym'.")
+  if config.data.source not in ("arith", "jsonl", "reasoning_gym", "tfds"):
+    _fail("data.source", config.data.source, "use 'arith', 'jsonl', 'reasoning_gym' or 'tfds'.")
+  if config.data.source == "tfds":
+    evaluates = config.mode == "eval" or (config.mode == "train" and config.eval_size > 0)
+    splits = ("split", "eval_split") if evaluates and not config.eval.benchmarks else ("split",)
+    for field in splits:  # opens the dataset's metadata only
+      try:
+        sources.TfdsSource(config.data.path, config.data[field], config.data.seed,
+                           config.data.prompt_field, config.data.answer_field)
+      except (ImportError, FileNotFoundError, ValueError) as e:  # each names its field
+        raise ConfigError(f"config.data.source='tfds': {e}") from None
   if config.data.extract not in ("boxed", "last_number"):
     _fail("data.extract", config.data.extract, "use 'boxed' or 'last_number'.")
   if config.data.source == "reasoning_gym":

@@ -177,8 +177,8 @@ def load(spec: tuple[str, str | None], *, limit: int = 0, model_dir: str | Path 
 def heldout(data_cfg, limit: int, model_dir=None) -> Benchmark:
   """The training data's held-out prompts, formatted exactly as in training: the arithmetic
   task's eval split, the JSONL at data.eval_path (else data.path's held-out records, which
-  training never sees: sources.heldout_split), or reasoning-gym's held-out
-  seed (instruction and chat template as in training)."""
+  training never sees: sources.heldout_split), a TFDS dataset's data.eval_split, or
+  reasoning-gym's held-out seed (instruction and chat template as in training)."""
   source = sources.from_config(data_cfg, "eval", model_dir)
   if data_cfg.source == "reasoning_gym":
     pairs = source.batch(0, limit or 256)
@@ -186,6 +186,9 @@ def heldout(data_cfg, limit: int, model_dir=None) -> Benchmark:
                      extract=data_cfg.extract)
   if data_cfg.source == "arith":
     pairs, name = source.batch(0, limit or 256), "arith"
+  elif data_cfg.source == "tfds":  # the eval split, in its own order
+    n = len(source.records)
+    pairs, name = [source.record(k) for k in range(min(limit or n, n))], "heldout"
   else:  # in file order (the training source permutes per epoch)
     pairs, name = [(r["prompt"], r["answer"]) for r in source.records], "heldout"
     pairs = pairs[:limit or len(pairs)]

@@ -5,7 +5,10 @@ That makes the data position in a checkpoint a single integer and resuming exact
   * `JsonlSource`: a local JSONL file, one `{"prompt": str, "answer": str}` object per line,
     visited in a fresh seeded permutation each epoch. Without a separate `data.eval_path`, the
     file's held-out part (`heldout_split`) is never trained on and is what evaluation reads;
-  * `kat_jax.data.gym.GymSource`: reasoning-gym generators (data.source='reasoning_gym').
+  * `kat_jax.data.gym.GymSource`: reasoning-gym generators (data.source='reasoning_gym');
+  * `TfdsSource`: a prepared TFDS dataset directory (array_record files, what TPU users keep
+    their prompts in), read by random access through `tfds` data sources -- no TensorFlow, no
+    input pipeline: example i is record order[i] of a seeded per-epoch permutation, as for JSONL.
 """
 
 from __future__ import annotations
@@ -57,6 +60,67 @@ class JsonlSource:
     return [self.example(i) for i in range(start, start + n)]
 
 
+class TfdsSource:
+
+  def __init__(self, path: str | Path, split: str, seed: int = 0, prompt_field: str = "prompt",
+               answer_field: str = "answer"):
+    """path: a prepared dataset's directory (DATA_DIR/NAME/VERSION, holding dataset_info.json;
+    or DATA_DIR/NAME, whose highest version is used)."""
+    self.path, self.split, self.seed = tfds_version_dir(path), split, seed
+    self.prompt_field, self.answer_field = prompt_field, answer_field
+    tfds = _import_tfds()
+    builder = tfds.builder_from_directory(str(self.path))
+    splits = list(builder.info.splits)
+    if split not in splits:
+      raise ValueError(f"{self.path} has no split {split!r} (it has {splits}); set data.split / "
+                       "data.eval_split.")
+    fields = list(builder.info.features.keys())
+    for name, field in (("data.prompt_field", prompt_field), ("data.answer_field", answer_field)):
+      if field not in fields:
+        raise ValueError(f"{self.path}: no feature {field!r} ({name}); its features are {fields}.")
+    self.records = builder.as_data_source(split=split)
+    if not len(self.records):
+      raise ValueError(f"{self.path} split {split!r} holds no records.")
+
+  def record(self, k: int) -> tuple[str, str]:
+    """Record k of the split, in the dataset's own order."""
+    rec = self.records[k]
+    text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+    return text(rec[self.prompt_field]), text(rec[self.answer_field])
+
+  def example(self, i: int) -> tuple[str, str]:
+    n = len(self.records)
+    epoch, j = divmod(i, n)
+    return self.record(int(np.random.default_rng([self.seed, epoch]).permutation(n)[j]))
+
+  def batch(self, start: int, n: int) -> list[tuple[str, str]]:
+    return [self.example(i) for i in range(start, start + n)]
+
+
+def _import_tfds():
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise ImportError("data.source='tfds' needs tensorflow-datasets: pip install "
+                      "'kat_jax[tfds]' (no TensorFlow needed for array_record data).") from None
+  return tfds
+
+
+def tfds_version_dir(path: str | Path) -> Path:
+  """The directory holding dataset_info.json: `path` itself, or its highest version subdir."""
+  path = Path(path)
+  if (path / "dataset_info.json").is_file():
+    return path
+  versions = sorted((p for p in path.iterdir() if (p / "dataset_info.json").is_file()),
+                    key=lambda p: tuple(int(x) if x.isdigit() else 0 for x in p.name.split(".")),
+                    ) if path.is_dir() else []
+  if not versions:
+    raise FileNotFoundError(f"data.path={str(path)!r} is not a prepared TFDS dataset (no "
+                            "dataset_info.json in it or in a version subdirectory); give "
+                            "DATA_DIR/NAME/VERSION of a dataset built with download_and_prepare.")
+  return versions[-1]
+
+
 # Fixed, so every data.seed (and every run on the same file) holds out the same records.
 _HELDOUT_SEED = 0x68656C64
 
@@ -88,6 +152,10 @@ def from_config(data_cfg, split: str, model_dir=None, holdout: bool = True):
                          special=special, size=data_cfg.size)
   if data_cfg.source == "arith":
     return ArithSource(seed=data_cfg.seed + (split == "eval"), n_ops=data_cfg.n_ops, split=split)
+  if data_cfg.source == "tfds":  # the held-out prompts are another split of the dataset
+    return TfdsSource(data_cfg.path, data_cfg.split if split == "train" else data_cfg.eval_split,
+                      seed=data_cfg.seed, prompt_field=data_cfg.prompt_field,
+                      answer_field=data_cfg.answer_field)
   if data_cfg.eval_path:
     return JsonlSource(data_cfg.path if split == "train" else data_cfg.eval_path,
                        seed=data_cfg.seed)
