@@ -8,8 +8,10 @@
           macro average resamples every benchmark with the same replicate index).
 
 Sampling uses the student-only decode loop (`rollout.generate`: no teacher), at the evaluation's
-own temperature / top-p. Grading is `kat_jax.grading.grade` (last `\\boxed{}`, fast numeric path,
-math-verify in worker processes); a completion without a box is wrong and counted as no-answer.
+own temperature / top-p / top-k. Grading is `kat_jax.grading.grade_many` (the benchmark's answer
+extraction -- last `\\boxed{}` or last number --, a fast numeric path, math-verify in worker
+processes); a completion without an answer is wrong and counted as no-answer; completions with a
+repetition loop (kat_jax.loops) are counted too.
 """
 
 from __future__ import annotations

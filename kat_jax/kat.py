@@ -18,7 +18,8 @@ State is O(1) per row and the work O(1) per token: a window mean, a counter, two
 Signals: `kl` (default) is the full-vocabulary KL(student || teacher) per token, never negative.
 `logratio` is log p_s(y) - log p_t(y) of the sampled token, an unbiased estimate of the same KL
 that is often negative on healthy tokens (the teacher more confident than the student), so its low
-windows mostly hit correct rollouts (measured on the arithmetic task; see shared notes).
+windows mostly hit correct rollouts (measured on the arithmetic task: docs/results.md, the
+detector table's `logratio` rows).
 
 Ablations through the same config: mode `none` (vanilla OPD), `fixed` (truncate every rollout at
 `fixed_len` tokens, as in Early Stopping Rollout), and post-hoc `random_truncation` to a given length
