@@ -3,9 +3,12 @@
 Run:      python -m kat_jax.main --config configs/arith.py --workdir /tmp/kat
 Variants: configs/arith.py:vanilla (KAT off), :plain (the paper's rule without the spike gate),
           :fixed (truncate every rollout at 24 tokens)
-Expected: ~2-3.5 min on 2 CPU cores (107 s on one host, 197 s on a slower one); ends with a
-          table of held-out avg@4 / pass@4 before and after (0.402 -> 0.502 / 0.676 -> 0.754),
-          mean rollout length (35.4), trap rate (0.012) and tokens saved. The 7-variant x 3-seed
+Expected: ~2-3.5 min on 2 CPU cores (107 s on one host, 180-197 s on slower ones); ends with a
+          table of held-out avg@4 / pass@4 before and after (0.402 -> 0.485 / 0.676 -> 0.742 on
+          the 2026-12-02 host, bit for bit the same before and after that day's refactor; another
+          host gave 0.502 / 0.754 -- XLA:CPU's floats differ between CPUs and 400 steps of
+          sampling amplify it), mean rollout length (35.4), trap rate (0.013) and tokens saved,
+          and writes WORKDIR/report.html (the trap dashboard). The 7-variant x 3-seed
           comparison: configs/arith_compare.py.
 
 Teacher (1.24M params, >= 97% greedy) and student (0.33M, ~45% at temperature 1) ship in
