@@ -18,6 +18,7 @@ def load_module(path: str):
 
 
 def load_config(spec: str):
-  """`path[:arg]` -> the ConfigDict of `get_config(arg)` (arg None when absent)."""
-  path, _, arg = spec.partition(":")
-  return load_module(path).get_config(arg or None)
+  """`path[:arg]` -> the ConfigDict of `get_config(arg)`, or of `get_config()` without ':' (the
+  file's own default), as ml_collections' --config flag calls it."""
+  path, *arg = spec.split(":", 1)
+  return load_module(path).get_config(*arg)

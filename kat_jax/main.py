@@ -7,7 +7,6 @@ problem -- no traceback -- before anything is loaded or compiled.
 
 from __future__ import annotations
 
-import ast
 import difflib
 import os
 import sys
@@ -18,7 +17,7 @@ from ml_collections import config_flags
 
 from kat_jax import config as config_lib
 from kat_jax import sft, smoke, train
-from kat_jax.configfile import load_module
+from kat_jax.configfile import load_config
 from kat_jax.errors import ConfigError, UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
@@ -85,9 +84,9 @@ def preflight(argv: list[str]) -> str | None:
       overrides.append((key, value))
   if spec is None:
     return None  # main() names the missing flag
-  path, _, cfg_arg = spec.partition(":")
+  path = spec.split(":", 1)[0]
   try:
-    config = load_module(path).get_config(cfg_arg or None)
+    config = load_config(spec)
   except FileNotFoundError as e:
     return str(e)
   except Exception as e:  # noqa: BLE001 -- the user's file: report its error, not ours
@@ -106,12 +105,9 @@ def preflight(argv: list[str]) -> str | None:
       walked.append(name)
     want = type(node)
     if want in (int, float) and value:
-      try:
-        parsed = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        parsed = None
-      if not isinstance(parsed, (int, float)) or isinstance(parsed, bool) or (
-          want is int and not isinstance(parsed, int)):
+      try:  # as absl parses them: float("inf") is a float, int("0x10", 0) an int
+        float(value) if want is float else int(value, 0)
+      except ValueError:
         return f"--config.{key}={value}: expected {want.__name__} (the default is {node!r})."
   return None
 

@@ -188,6 +188,11 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
   if scan_layers:  # everything but the embedding / head / final norm is in the stack
     head = c.vocab_size * e * param_bytes_s * (1 if c.tie_embeddings else 2) / (fsdp * tensor)
     items["stacked layers (scan)"] = 2 * (items["student params"] - head)
+    if objective != "sampled_pg":  # the teacher's scoring forward stacks its layers too
+      t = teacher
+      t_head = (t.vocab_size * t.hidden_size * param_bytes_t * (1 if t.tie_embeddings else 2)
+                / (r_shape[1] * r_shape[2]))
+      items["stacked layers (scan)"] += items["teacher params"] - t_head
   batch_in = b * (prompt_len + 8 * t) * 4  # prompts and the rollout's per-token outputs
   resident = items["student params"] + items["teacher params"] + items["optimizer (AdamW)"]
   rollout_phase = (items["student kv cache"] + items["teacher kv cache"] + items["rollout buffers"]

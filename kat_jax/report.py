@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -69,6 +70,17 @@ def _series(metrics: list[dict]) -> list[dict]:
   return charts
 
 
+def _finite(x):
+  """x with every non-finite float replaced by None."""
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_finite(v) for v in x]
+  return x
+
+
 def build(workdir: str | Path, out: str | Path | None = None) -> Path:
   """Writes the dashboard of `workdir` (metrics.jsonl, samples.jsonl, config.json,
   summary.json when present); returns its path."""
@@ -86,8 +98,10 @@ def build(workdir: str | Path, out: str | Path | None = None) -> Path:
           "run": {k: config.get(k) for k in ("student", "teacher", "steps", "prompts_per_step",
                                              "samples_per_prompt", "max_new_tokens")},
           "kat": config.get("kat", {}), "threshold": config.get("threshold", {})}
-  # JSON inside <script>: "</" would end the element early.
-  payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+  # Strict JSON (a diverging run's NaN / inf become null: JSON.parse refuses them), and no "<"
+  # inside the <script> element ("</script>" or "<!--" in a prompt would end or confuse it).
+  payload = json.dumps(_finite(data), separators=(",", ":"), allow_nan=False)
+  payload = payload.replace("<", "\\u003c")
   page = _PAGE.replace("__TITLE__", html.escape(f"kat_jax run {workdir.name}"))
   page = page.replace("__DATA__", payload)
   out = Path(out) if out else workdir / "report.html"
@@ -151,8 +165,11 @@ function el(tag, attrs, parent, text) {
   if (parent) parent.appendChild(e);
   return e;
 }
-function fmt(v) { return Math.abs(v) >= 1000 || (v !== 0 && Math.abs(v) < 0.01)
-                         ? v.toExponential(2) : (+v.toFixed(3)).toString(); }
+function fmt(v) {
+  if (typeof v !== "number" || !isFinite(v)) return "n/a";
+  return Math.abs(v) >= 1000 || (v !== 0 && Math.abs(v) < 0.01)
+         ? v.toExponential(2) : (+v.toFixed(3)).toString();
+}
 function chart(spec, parent) {
   const box = el("div", {class: "chart"}, parent);
   el("h3", {}, box, spec.title);
@@ -194,8 +211,10 @@ function meta() {
   const parts = [`student ${r.student}`, `teacher ${r.teacher}`,
                  `${r.prompts_per_step} x ${r.samples_per_prompt} rollouts/step`,
                  `KAT ${k.mode} window ${k.window} patience ${k.patience} min_len ${k.min_len}`];
-  if (s.avg_after !== undefined && s.avg_after !== null)
-    parts.push(`avg@${s.k} ${fmt(s.avg_before)} -> ${fmt(s.avg_after)}`);
+  if (typeof s.avg_after === "number")  // a resumed run has no "before"
+    parts.push(typeof s.avg_before === "number"
+               ? `avg@${s.k} ${fmt(s.avg_before)} -> ${fmt(s.avg_after)}`
+               : `avg@${s.k} ${fmt(s.avg_after)} at the end`);
   if (s.trap_rate !== undefined) parts.push(`trap rate ${fmt(s.trap_rate)}`);
   document.getElementById("meta").textContent = parts.join(" | ");
 }

@@ -95,6 +95,26 @@ def test_the_dashboard_renders_in_headless_chromium(run_dir, tmp_path):
   assert img.size == (1200, 1400) and non_white > 0.03, non_white  # charts and tokens drawn
 
 
+def test_a_resumed_or_diverged_run_still_renders(run_dir, tmp_path):
+  """A resumed run has no 'before' evaluation and a diverging one logs NaN / inf; a prompt may
+  hold '</script>': the page still parses its data and draws."""
+  import shutil as sh
+  work = tmp_path / "run"
+  sh.copytree(run_dir, work)
+  summary = json.loads((work / "summary.json").read_text())
+  summary["avg_before"] = summary["pass_before"] = None
+  (work / "summary.json").write_text(json.dumps(summary))
+  samples = _samples(work)
+  samples[-1]["rows"][0]["kl"][0] = float("nan")
+  samples[-1]["rows"][0]["prompt"] = "</script><!-- <script>"
+  (work / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+  with open(work / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"step": 4, "loss": float("inf"), "kl": float("nan")}) + "\n")
+  dom = _chromium("--dump-dom", report.build(work).as_uri()).stdout
+  assert 'data-ready="1"' in dom and "at the end" in dom
+  assert "&lt;/script&gt;&lt;!-- &lt;script&gt;" in dom  # shown as text
+
+
 def test_report_cli_names_a_workdir_without_metrics(tmp_path):
   out = subprocess.run([sys.executable, "-m", "kat_jax.report", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=120)

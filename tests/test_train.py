@@ -150,8 +150,8 @@ BAD = [
      r"config\.eval\.benchmarks=.*benchmark file '/nope/aime\.jsonl' \(aime24\) does not exist"),
     (dict(eval__temperature=-1.0), r"config\.eval\.temperature=-1\.0 must be >= 0"),
     (dict(mesh__tensor=3), r"config\.mesh=.*'tensor': 3.*8 devices are not a multiple of 3"),
-    (dict(data__source="gym"), r"config\.data\.source='gym': use 'arith', 'jsonl' or "
-                               r"'reasoning_gym'"),
+    (dict(data__source="gym"), r"config\.data\.source='gym': use 'arith', 'jsonl', "
+                               r"'reasoning_gym' or 'tfds'"),
     (dict(data__source="reasoning_gym", data__tasks="chain_summ"),
      r"config\.data\.tasks='chain_summ': task chain_summ: Dataset 'chain_summ' not registered"),
     (dict(data__source="reasoning_gym", data__tasks="chain_sum(bogus=1)"),
@@ -246,6 +246,8 @@ def test_config_sections_take_the_dataclass_defaults():
     (["--config", "configs/arith.py", "--config.steps=abc"],
      "--config.steps=abc: expected int (the default is 400)."),
     (["--config", "configs/arith.py", "--config.optim.learning_rate=1", "--config.steps=3"], None),
+    (["--config", "configs/arith.py", "--config.kat.spike_tau=inf", "--config.steps=0x10"], None),
+    (["--config", "configs/arith_sft.py"], None),  # get_config() with the file's own default
 ])
 def test_command_line_mistakes_are_one_line(argv, message):
   from kat_jax import main

@@ -13,6 +13,7 @@ That makes the data position in a checkpoint a single integer and resuming exact
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -71,14 +72,21 @@ class TfdsSource:
     tfds = _import_tfds()
     builder = tfds.builder_from_directory(str(self.path))
     splits = list(builder.info.splits)
-    if split not in splits:
+    if split.split("[", 1)[0] not in splits:  # tfds slices ("train[:95%]") are fine
       raise ValueError(f"{self.path} has no split {split!r} (it has {splits}); set data.split / "
                        "data.eval_split.")
     fields = list(builder.info.features.keys())
     for name, field in (("data.prompt_field", prompt_field), ("data.answer_field", answer_field)):
       if field not in fields:
         raise ValueError(f"{self.path}: no feature {field!r} ({name}); its features are {fields}.")
-    self.records = builder.as_data_source(split=split)
+    try:
+      self.records = builder.as_data_source(split=split)
+    except NotImplementedError:  # tfds' usual TFRecord files have no random access
+      raise ValueError(f"{self.path} is not stored as array_record (random access); prepare it "
+                       "with download_and_prepare(file_format='array_record') (or `tfds build "
+                       "--file_format=array_record`).") from None
+    self._order = functools.lru_cache(maxsize=2)(  # one permutation per epoch, not per prompt
+        lambda epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.records)))
     if not len(self.records):
       raise ValueError(f"{self.path} split {split!r} holds no records.")
 
@@ -89,9 +97,8 @@ class TfdsSource:
     return text(rec[self.prompt_field]), text(rec[self.answer_field])
 
   def example(self, i: int) -> tuple[str, str]:
-    n = len(self.records)
-    epoch, j = divmod(i, n)
-    return self.record(int(np.random.default_rng([self.seed, epoch]).permutation(n)[j]))
+    epoch, j = divmod(i, len(self.records))
+    return self.record(int(self._order(epoch)[j]))
 
   def batch(self, start: int, n: int) -> list[tuple[str, str]]:
     return [self.example(i) for i in range(start, start + n)]
@@ -108,10 +115,14 @@ def _import_tfds():
 
 def tfds_version_dir(path: str | Path) -> Path:
   """The directory holding dataset_info.json: `path` itself, or its highest version subdir."""
+  if not str(path):
+    raise FileNotFoundError("data.source='tfds' needs data.path: the directory of a prepared "
+                            "TFDS dataset (DATA_DIR/NAME or DATA_DIR/NAME/VERSION).")
   path = Path(path)
   if (path / "dataset_info.json").is_file():
     return path
-  versions = sorted((p for p in path.iterdir() if (p / "dataset_info.json").is_file()),
+  versions = sorted((p for p in path.iterdir() if (p / "dataset_info.json").is_file()
+                     and "incomplete" not in p.name),
                     key=lambda p: tuple(int(x) if x.isdigit() else 0 for x in p.name.split(".")),
                     ) if path.is_dir() else []
   if not versions:
