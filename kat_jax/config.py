@@ -87,8 +87,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.remat = False  # recompute each block in the backward pass (less activation memory)
   c.attn_chunk = 0  # training-forward attention over query chunks of this size (0 = all at once)
   # Full-sequence forwards (the update, the teacher's scoring) as a lax.scan over the layers:
-  # one block compiled instead of num_layers (minutes less for 28-36-layer models on TPU), the
-  # same numbers. Off by default: tiny models compile fast unrolled and run a little faster.
+  # one block compiled instead of num_layers (minutes less for 28-36-layer models on TPU; under
+  # FSDP one layer's gathered weights at a time), equal up to float rounding. Off by default:
+  # small models compile in seconds unrolled.
   c.scan_layers = False
   c.max_prompt_len = 256  # prompt tokens (chat template included); longer prompts are an error
   c.device_memory_gb = 0.0  # per device, for the memory plan; 0 = as the device reports (or none)
@@ -241,8 +242,8 @@ def _check_data(config) -> None:
   """The prompt source exists, parses, and leaves prompts for a held-out evaluation."""
   if config.data.source not in ("arith", "jsonl", "reasoning_gym", "tfds"):
     _fail("data.source", config.data.source, "use 'arith', 'jsonl', 'reasoning_gym' or 'tfds'.")
+  evaluates = config.mode == "eval" or (config.mode == "train" and config.eval_size > 0)
   if config.data.source == "tfds":
-    evaluates = config.mode == "eval" or (config.mode == "train" and config.eval_size > 0)
     splits = ("split", "eval_split") if evaluates and not config.eval.benchmarks else ("split",)
     for field in splits:  # opens the dataset's metadata only
       try:
@@ -262,7 +263,6 @@ def _check_data(config) -> None:
   if config.data.source == "jsonl" and not Path(config.data.path).is_file():
     _fail("data.path", config.data.path, "no such file; give a JSONL file of "
           '{"prompt": ..., "answer": ...} lines.')
-  evaluates = config.mode == "eval" or (config.mode == "train" and config.eval_size > 0)
   if (config.data.source == "jsonl" and evaluates and not config.eval.benchmarks
       and not config.data.eval_path):  # the held-out prompts come from data.path itself
     if config.data.heldout_size == 0:
@@ -290,7 +290,7 @@ def _check_dataclasses(config) -> int:
     opd.OptimConfig(**config.optim)
     if config.loss.temperature < 0:
       raise ConfigError(f"loss.temperature={config.loss.temperature} must be >= 0 (0 = the "
-                       "sampling temperature).")
+                        "sampling temperature).")
     loss_config(config, 1)
     eval_config(config)
   except ValueError as e:

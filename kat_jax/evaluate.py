@@ -42,13 +42,13 @@ class EvalConfig:
   def __post_init__(self):
     if not 1 <= self.k <= self.n:
       raise ConfigError(f"eval.k={self.k} must be between 1 and eval.n={self.n} (pass@k needs "
-                       "n >= k samples per problem).")
+                        "n >= k samples per problem).")
     if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
       raise ConfigError(f"eval.temperature={self.temperature} must be >= 0, eval.top_k="
-                       f"{self.top_k} >= 0 and eval.top_p={self.top_p} in (0, 1].")
+                        f"{self.top_k} >= 0 and eval.top_p={self.top_p} in (0, 1].")
     if self.batch_size < 1 or self.max_new_tokens < 1 or self.bootstrap < 0 or self.workers < 0:
       raise ConfigError("eval.batch_size and eval.max_new_tokens must be >= 1, eval.bootstrap and "
-                       "eval.workers >= 0.")
+                        "eval.workers >= 0.")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -63,7 +63,7 @@ class KATConfig:
       raise ConfigError(f"kat.cut={self.cut!r}; use one of {CUTS}.")
     if self.window < 1 or self.patience < 1 or self.min_len < 0:
       raise ConfigError(f"kat.window={self.window}, kat.patience={self.patience} must be >= 1 and "
-                       f"kat.min_len={self.min_len} >= 0.")
+                        f"kat.min_len={self.min_len} >= 0.")
     if self.mode == "fixed" and self.fixed_len < 1:
       raise ConfigError(f"kat.mode='fixed' needs kat.fixed_len >= 1 (got {self.fixed_len}).")
 

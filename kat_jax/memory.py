@@ -88,21 +88,26 @@ def _fake_mesh(shape):
 
 @functools.lru_cache(maxsize=32)
 def _param_shapes(cfg: ModelConfig) -> tuple:
-  """(shape, logical names) of every param: one abstract build per architecture (a plan tries
-  every mesh; building Qwen3-8B abstractly takes ~1 s)."""
+  """(shape, logical names, in a block?) of every param: one abstract build per architecture
+  (a plan tries every mesh; building Qwen3-8B abstractly takes ~1 s)."""
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   out = []
-  for var in jax_leaves(nnx.state(abstract)):
+  for path, var in nnx.to_flat_state(nnx.state(abstract)):
     shape = var.get_value().shape
-    out.append((shape, var.get_metadata().get("out_sharding") or (None,) * len(shape)))
+    out.append((shape, var.get_metadata().get("out_sharding") or (None,) * len(shape),
+                path[0] == "layers"))
   return tuple(out)
 
 
-def param_bytes(cfg: ModelConfig, mesh_shape, dtype_bytes: int, rules=DEFAULT_RULES) -> float:
-  """Per-device bytes of a model's params on the mesh (exact: logical names of each tensor)."""
+def param_bytes(cfg: ModelConfig, mesh_shape, dtype_bytes: int, rules=DEFAULT_RULES,
+                layers_only: bool = False) -> float:
+  """Per-device bytes of a model's params on the mesh (exact: logical names of each tensor);
+  layers_only: the blocks' params alone (what a scan over layers stacks)."""
   mesh = _fake_mesh(mesh_shape)
   total = 0.0
-  for shape, names in _param_shapes(cfg):
+  for shape, names, in_block in _param_shapes(cfg):
+    if layers_only and not in_block:
+      continue
     spec = logical_to_spec(names, shape, mesh, rules)
     shards = 1
     for axes in spec:
@@ -110,10 +115,6 @@ def param_bytes(cfg: ModelConfig, mesh_shape, dtype_bytes: int, rules=DEFAULT_RU
         shards *= mesh.shape[a]
     total += np.prod(shape) * dtype_bytes / shards
   return float(total)
-
-
-def jax_leaves(state):
-  return jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _split(n: int, ways: int) -> float:
@@ -185,14 +186,12 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
   items["activations (update)"] = (layers + logits) / microbatches
   if fsdp > 1 and e % fsdp == 0:  # see the module docstring (LM head)
     items["LM head gathered (update)"] = _split(c.vocab_size, tensor) * e * (compute_bytes + 4)
-  if scan_layers:  # everything but the embedding / head / final norm is in the stack
-    head = c.vocab_size * e * param_bytes_s * (1 if c.tie_embeddings else 2) / (fsdp * tensor)
-    items["stacked layers (scan)"] = 2 * (items["student params"] - head)
-    if objective != "sampled_pg":  # the teacher's scoring forward stacks its layers too
-      t = teacher
-      t_head = (t.vocab_size * t.hidden_size * param_bytes_t * (1 if t.tie_embeddings else 2)
-                / (r_shape[1] * r_shape[2]))
-      items["stacked layers (scan)"] += items["teacher params"] - t_head
+  if scan_layers:  # the stacked block params and their gradient
+    items["stacked layers (scan)"] = 2 * param_bytes(student, mesh_shape, param_bytes_s,
+                                                     layers_only=True)
+    if objective != "sampled_pg":  # the teacher's scoring forward stacks its blocks too
+      items["stacked layers (scan)"] += param_bytes(teacher, r_shape, param_bytes_t, r_rules,
+                                                    layers_only=True)
   batch_in = b * (prompt_len + 8 * t) * 4  # prompts and the rollout's per-token outputs
   resident = items["student params"] + items["teacher params"] + items["optimizer (AdamW)"]
   rollout_phase = (items["student kv cache"] + items["teacher kv cache"] + items["rollout buffers"]

@@ -1,5 +1,6 @@
 """What a training run reports: per-step records (metrics.jsonl, TensorBoard), per-rollout
-lengths and cuts (rollouts.jsonl), running totals, and the final summary table. Only process 0
+lengths and cuts (rollouts.jsonl), sample rollouts token by token for the dashboard
+(samples.jsonl, kat_jax.report), running totals, and the final summary table. Only process 0
 writes; the records are plain floats computed from host copies."""
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def sample_rows(res, loop_B, prompts: list[str], answers: list, decode, n: int,
   """Up to `n` rollouts of a step for the dashboard (kat_jax.report): KAT-cut rows first (at
   most half), then the others, in row order; per token its text, KL and both log-probs, and
   whether the completion's answer is right (None when the row has no answer to grade)."""
-  stopped = np.flatnonzero(res.terminated_B & ~res.probe_B)[: n // 2]
-  rest = [i for i in range(len(res.length_B)) if i not in set(stopped.tolist())]
-  chosen = sorted(stopped.tolist() + rest[: n - len(stopped)])
+  stopped = np.flatnonzero(res.terminated_B & ~res.probe_B)[: n // 2].tolist()
+  picked = set(stopped)
+  rest = [i for i in range(len(res.length_B)) if i not in picked]
+  chosen = sorted(stopped + rest[: n - len(stopped)])
   rows, texts, golds = [], [], []
   for i in chosen:
     n_tok = int(res.length_B[i])

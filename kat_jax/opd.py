@@ -51,7 +51,7 @@ class OptimConfig:
       raise ConfigError(f"optim.schedule={self.schedule!r}; use 'constant' or 'cosine'.")
     if self.learning_rate <= 0 or self.accumulation_steps < 1:
       raise ConfigError(f"optim.learning_rate={self.learning_rate} must be > 0 and "
-                       f"optim.accumulation_steps={self.accumulation_steps} >= 1.")
+                        f"optim.accumulation_steps={self.accumulation_steps} >= 1.")
 
 
 def learning_rate(cfg: OptimConfig):
@@ -176,12 +176,12 @@ class LossConfig:
   def __post_init__(self):
     if self.microbatches < 0 or self.chunk < 0:
       raise ConfigError(f"loss.microbatches={self.microbatches} must be >= 0 (0 = auto) and "
-                       f"loss.chunk={self.chunk} >= 0.")
+                        f"loss.chunk={self.chunk} >= 0.")
     if self.objective not in losses.OBJECTIVES:
       raise ConfigError(f"loss.objective={self.objective!r}; use one of {losses.OBJECTIVES}.")
     if not 0 <= self.beta <= 1 or self.temperature <= 0:
       raise ConfigError(f"loss.beta={self.beta} must be in [0, 1] and loss.temperature="
-                       f"{self.temperature} > 0.")
+                        f"{self.temperature} > 0.")
     if self.ratio_clip < 0:
       raise ConfigError(f"loss.ratio_clip={self.ratio_clip} must be >= 0 (0 = off; e.g. 2.0).")
 
@@ -283,7 +283,7 @@ def _loss(s_params, s_graph, t_model, prompt_BxP, start_B, result: RolloutResult
   # Every chunk is normalised by the whole batch's trained tokens, so the sum is the full loss.
   if t % c:
     raise ConfigError(f"loss.chunk={c} must divide the {t} generated positions (a multiple of "
-                     "kat.window).")
+                      "kat.window).")
   to_chunks = lambda x: None if x is None else jnp.moveaxis(  # noqa: E731
       x.reshape(x.shape[0], t // c, c, *x.shape[2:]), 1, 0)
   xs = tuple(to_chunks(x) for x in (s_hidden, t_hidden, *per_token))
@@ -319,7 +319,7 @@ def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
     # over chunks are exactly the full-batch loss and gradient.
     if b % (m * batch_shards):
       raise ConfigError(f"loss.microbatches={m} times the {batch_shards} batch shards must divide "
-                       f"the batch of {b} rows.")
+                        f"the batch of {b} rows.")
     # Strided chunks (chunk j = rows j, j + m, ...): with the batch sharded in contiguous blocks,
     # every chunk takes b / (m * shards) rows from each shard, so no row changes device.
     split = lambda x: jnp.swapaxes(x.reshape(b // m, m, *x.shape[1:]), 0, 1)  # noqa: E731

@@ -49,7 +49,7 @@ class SamplingConfig:
   def __post_init__(self):
     if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
       raise ConfigError(f"sampling: temperature={self.temperature} must be >= 0, top_k="
-                       f"{self.top_k} >= 0 and top_p={self.top_p} in (0, 1].")
+                        f"{self.top_k} >= 0 and top_p={self.top_p} in (0, 1].")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +146,7 @@ class RolloutResult:
 def check_top_k(cfg: SamplingConfig, vocab_size: int, field: str) -> None:
   if cfg.top_k > vocab_size:
     raise ConfigError(f"{field}.top_k={cfg.top_k}: exceeds the {vocab_size}-token vocabulary; use "
-                     f"0 (off) or a value <= {vocab_size}.")
+                      f"0 (off) or a value <= {vocab_size}.")
 
 
 def sample(logits_BxV, keys_B, cfg: SamplingConfig):
@@ -312,7 +312,7 @@ def decode_loop(s_graph, s_params, t_graph, t_params, state: RolloutState, min_l
 
 
 ROW_FIELDS = ("tokens_BxT", "logp_student_BxT", "logp_teacher_BxT", "logp_behavior_BxT",
-               "kl_BxT", "window_mean_BxN", "window_complete_BxN", "length_B", "eos_B")
+              "kl_BxT", "window_mean_BxN", "window_complete_BxN", "length_B", "eos_B")
 
 
 @jax.jit
@@ -383,7 +383,7 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
       probe_B = put_batch(np.asarray(probe_B, bool), where.mesh)
   probe_B = jnp.asarray(probe_B, jnp.bool_)
   state = prefill(s_graph, s_params, t_graph, t_params, prompt_BxP,
-                   jnp.asarray(start_B, jnp.int32), probe_B, key, tau, spike_tau, cfg=cfg)
+                  jnp.asarray(start_B, jnp.int32), probe_B, key, tau, spike_tau, cfg=cfg)
   sizes = compaction_sizes(b, cfg.compact_multiple, batch_multiple)
   parked = None
   while True:
@@ -391,7 +391,7 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
     smaller = [s for s in sizes if s < size]
     min_live = smaller[0] if smaller else 0
     state = decode_loop(s_graph, s_params, t_graph, t_params, state, jnp.int32(min_live),
-                         cfg=cfg)
+                        cfg=cfg)
     # One host read per loop exit; every process takes the same compaction decision.
     done, step = to_host((state.done_B, state.step))
     done = np.asarray(done)
@@ -480,9 +480,9 @@ def generate(model: Transformer, prompt_BxP, start_B, key, *, max_new_tokens: in
   check_top_k(sampling, vocab_size, "eval")
   graph, params = nnx.split(model)
   return generate_jit(graph, params, jnp.asarray(prompt_BxP, jnp.int32),
-                   jnp.asarray(start_B, jnp.int32), key, max_new_tokens=max_new_tokens,
-                   eos_ids=tuple(eos_ids), pad_id=pad_id,
-                   vocab_size=vocab_size, sampling=sampling)
+                      jnp.asarray(start_B, jnp.int32), key, max_new_tokens=max_new_tokens,
+                      eos_ids=tuple(eos_ids), pad_id=pad_id,
+                      vocab_size=vocab_size, sampling=sampling)
 
 
 def apply_random_truncation(result: RolloutResult, key, target_lengths_N) -> RolloutResult:

@@ -46,7 +46,7 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES,
   devices = jax.devices() if devices is None else devices
   if int(np.prod(shape)) != len(devices):
     raise ConfigError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, but "
-                     f"{len(devices)} are available; make the product of the shape equal it.")
+                      f"{len(devices)} are available; make the product of the shape equal it.")
   return Mesh(np.asarray(devices).reshape(tuple(shape)), tuple(axis_names))
 
 
@@ -126,7 +126,7 @@ def resolve_rollout_tensor(value: int, mesh: Mesh, model_cfgs) -> int:
     for name in ("num_heads", "num_kv_heads", "intermediate_size"):
       if getattr(c, name) % value:
         raise ConfigError(f"mesh.rollout_tensor={value} does not divide {name}="
-                         f"{getattr(c, name)} of a model; use 0 (auto) or a divisor of it.")
+                          f"{getattr(c, name)} of a model; use 0 (auto) or a divisor of it.")
   rollout_mesh(mesh, value)  # the device count check
   return value
 
@@ -138,7 +138,7 @@ def rollout_mesh(mesh: Mesh, tensor: int) -> Mesh:
   per_replica = mesh.devices.size // data
   if tensor < 1 or per_replica % tensor:
     raise ConfigError(f"mesh.rollout_tensor={tensor} must divide the {per_replica} devices per "
-                     f"data replica (mesh {dict(mesh.shape)}).")
+                      f"data replica (mesh {dict(mesh.shape)}).")
   return Mesh(mesh.devices.reshape(data, per_replica // tensor, tensor), MESH_AXES)
 
 
@@ -189,11 +189,11 @@ def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int | None = None) 
   if -1 in shape:
     if n % known:
       raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(shape)}: {n} devices are not a "
-                       f"multiple of {known}.")
+                        f"multiple of {known}.")
     shape[shape.index(-1)] = n // known
   if int(np.prod(shape)) != n:
     raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(shape)} has {int(np.prod(shape))} "
-                     f"devices but {n} are available; make the product {n} or use -1.")
+                      f"devices but {n} are available; make the product {n} or use -1.")
   return tuple(shape)
 
 

@@ -26,7 +26,7 @@ from kat_jax import report as dashboard
 from kat_jax.config import eval_config, loss_config, rollout_config, threshold_config
 from kat_jax.data import benchmarks as bench_lib
 from kat_jax.data import sources
-from kat_jax.errors import ConfigError, TrainingStopped  # noqa: F401  (TrainingStopped: API)
+from kat_jax.errors import ConfigError, TrainingStopped
 
 
 @dataclasses.dataclass
@@ -98,10 +98,7 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   # The rollout's tensor-parallel layout, from the models' config.json (no weights read yet).
   cfgs = [hf.read_config(config.student)] + ([hf.read_config(config.teacher)]
                                              if with_teacher else [])
-  try:
-    tp = sharding.resolve_rollout_tensor(config.mesh.rollout_tensor, mesh, cfgs)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  tp = sharding.resolve_rollout_tensor(config.mesh.rollout_tensor, mesh, cfgs)
   r_mesh, r_rules = ((sharding.rollout_mesh(mesh, tp), sharding.ROLLOUT_RULES) if tp > 1
                      else (mesh, sharding.DEFAULT_RULES))
   # Each tensor goes straight to its place on the mesh. The teacher holds params only (no
@@ -290,13 +287,13 @@ def train_step(run: Run, state: TrainState, step: int, key):
   """One OPD step: the step's prompts -> fused student + teacher rollout with KAT (in the
   rollout layout) -> [the random-truncation ablation] -> the optax update on the trimmed batch
   -> the threshold's statistics. Returns (state, the rollout result on the host, the update and
-  threshold metrics as floats, tau as a float, the step's (prompt, answer) problems)."""
+  threshold metrics as floats, tau as a float, each rollout's (prompt, answer))."""
   config = run.config
   per_step = config.prompts_per_step * config.samples_per_prompt
   step_key = jax.random.fold_in(key, step)
   problems = run.source.batch(step * config.prompts_per_step, config.prompts_per_step)
-  prompts = [p for p, _ in problems for _ in range(config.samples_per_prompt)]
-  prompt, start = _encode(run, prompts)
+  rows = [pa for pa in problems for _ in range(config.samples_per_prompt)]
+  prompt, start = _encode(run, [p for p, _ in rows])
   tau = threshold.tau(state.th_state, step, run.threshold_cfg)
   s_graph, s_now = nnx.split(run.student, nnx.Param)
   t_graph, t_params = nnx.split(run.teacher)
@@ -325,7 +322,7 @@ def train_step(run: Run, state: TrainState, step: int, key):
   res = sharding.to_host(result)  # gathered across processes on a multi-host mesh
   m = {k: float(v) for k, v in sharding.to_host({**m, **th_m}).items()}
   skips = state.skips + 1 if m["skipped"] else 0
-  return TrainState(opt_state, th_state, skips), res, m, float(sharding.to_host(tau)), problems
+  return TrainState(opt_state, th_state, skips), res, m, float(sharding.to_host(tau)), rows
 
 
 def train(config, workdir) -> dict:
@@ -361,7 +358,7 @@ def train(config, workdir) -> dict:
   progress = metrics.progress(config.steps, start_step) if main else None
   for step in range(start_step, config.steps):
     t0 = time.perf_counter()
-    state, res, m, tau, problems = train_step(run, state, step, key)
+    state, res, m, tau, rows = train_step(run, state, step, key)
     rec, counts, loop_B = metrics.step_record(res, m, tau, config.max_new_tokens,
                                               time.perf_counter() - t0)
     totals.add(counts)
@@ -377,7 +374,6 @@ def train(config, workdir) -> dict:
     logger.log_rollouts(step + 1, res, loop_B)
     if main and config.log_samples and (step == start_step or step + 1 == config.steps
                                         or (step + 1) % config.log_samples_every == 0):
-      rows = [(p, a) for p, a in problems for _ in range(config.samples_per_prompt)]
       logger.log_samples(step + 1, metrics.sample_rows(
           res, loop_B, [p for p, _ in rows], [a for _, a in rows],
           lambda ids: run.tokenizer.decode(ids, skip_special_tokens=False), config.log_samples,

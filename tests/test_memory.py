@@ -155,3 +155,18 @@ def test_query_chunked_attention_is_exact_and_planned():
   # (the unchunked run keeps >= one copy of every layer's; a chunked one, one chunk's).
   scores = cfg.num_layers * 8 * cfg.num_heads * 200 * 200 * 4
   assert temp[0] - temp[64] > 0.6 * scores, (temp, scores)
+
+
+def test_scan_plans_the_stacked_block_params():
+  """scan_layers stacks the blocks' params (and their gradient) for the student, and for the
+  teacher when a full-vocabulary objective runs its forward in the update."""
+  s_cfg, t_cfg = _cfg(128, 3, 1024, 512), _cfg(192, 2, 1024, 768)
+  kw = dict(batch=8, prompt_len=16, max_new_tokens=32, window=8, vocab=1024, scan_layers=True)
+  # Untied models on one device: all params minus embedding, LM head and final norm, fp32.
+  blocks = lambda c: memory.param_bytes(c, (1, 1, 1), 4) - (2 * 1024 + 1) * c.hidden_size * 4  # noqa: E731
+  pg = memory.plan(s_cfg, t_cfg, (1, 1, 1), **kw)
+  assert pg.items["stacked layers (scan)"] == 2 * blocks(s_cfg)
+  kl = memory.plan(s_cfg, t_cfg, (1, 1, 1), objective="reverse_kl", **kw)
+  assert kl.items["stacked layers (scan)"] == 2 * blocks(s_cfg) + blocks(t_cfg)
+  assert "stacked layers (scan)" not in memory.plan(s_cfg, t_cfg, (1, 1, 1), **{
+      **kw, "scan_layers": False}).items

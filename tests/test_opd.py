@@ -124,6 +124,9 @@ def test_scan_over_layers_equals_the_unrolled_update(remat):
     params, _, metrics = opd.update(sg, jax.tree.map(lambda x: x.copy(), sp), tg, tp,
                                     tx.init(sp), prompt, start, res, tx=tx, cfg=lc)
     out[scan] = jax.device_get(params), float(metrics["loss"]), float(metrics["grad_norm"])
+    # The scanned forward really is one loop over the 3 blocks (and the unrolled one is not).
+    jaxpr = str(jax.make_jaxpr(lambda ids: t.hidden(ids))(prompt))
+    assert ("length=3" in jaxpr and "scan[" in jaxpr) == scan
   np.testing.assert_allclose(out[True][1], out[False][1], rtol=1e-5)
   np.testing.assert_allclose(out[True][2], out[False][2], rtol=1e-5)
   assert out[False][2] > 0

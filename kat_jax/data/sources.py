@@ -23,6 +23,18 @@ from kat_jax.data import arith
 from kat_jax.data import chat, gym
 
 
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def epoch_order(seed: int, i: int, n: int) -> int:
+  """The record of position i in a stream over n records: each epoch a fresh seeded permutation
+  (computed once per epoch, not per example)."""
+  epoch, j = divmod(i, n)
+  return int(_permutation(seed, epoch, n)[j])
+
+
 class ArithSource:
 
   def __init__(self, seed: int = 0, n_ops: int = 3, split: str = "train"):
@@ -51,10 +63,7 @@ class JsonlSource:
     self.seed = seed
 
   def example(self, i: int) -> tuple[str, str]:
-    n = len(self.records)
-    epoch, j = divmod(i, n)
-    order = np.random.default_rng([self.seed, epoch]).permutation(n)
-    rec = self.records[order[j]]
+    rec = self.records[epoch_order(self.seed, i, len(self.records))]
     return rec["prompt"], rec["answer"]
 
   def batch(self, start: int, n: int) -> list[tuple[str, str]]:
@@ -85,8 +94,6 @@ class TfdsSource:
       raise ValueError(f"{self.path} is not stored as array_record (random access); prepare it "
                        "with download_and_prepare(file_format='array_record') (or `tfds build "
                        "--file_format=array_record`).") from None
-    self._order = functools.lru_cache(maxsize=2)(  # one permutation per epoch, not per prompt
-        lambda epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.records)))
     if not len(self.records):
       raise ValueError(f"{self.path} split {split!r} holds no records.")
 
@@ -97,8 +104,7 @@ class TfdsSource:
     return text(rec[self.prompt_field]), text(rec[self.answer_field])
 
   def example(self, i: int) -> tuple[str, str]:
-    epoch, j = divmod(i, len(self.records))
-    return self.record(int(self._order(epoch)[j]))
+    return self.record(epoch_order(self.seed, i, len(self.records)))
 
   def batch(self, start: int, n: int) -> list[tuple[str, str]]:
     return [self.example(i) for i in range(start, start + n)]
