@@ -2,6 +2,9 @@
 
 Run:  python bench/rollout.py                  (both size pairs, ~8 min on 2 CPU cores)
       python bench/rollout.py --pairs small    (the ~1M / ~20M pair only, ~1 min)
+      python bench/rollout.py --long           (long rollouts, small pair, ~15 min; below)
+      python bench/rollout.py --tpu v5e:4x4    (HBM bytes per window from the TPU compiler and
+                                                the predicted step of configs/qwen3_opd.py, ~6 min)
 
 For each pair (batch 32, 32-token prompts, 128 new tokens, temperature 1, fp32), all in one process:
   fused   kat_jax.rollout.rollout, KAT off: per-token log-probs and full-vocab KL included;
@@ -12,6 +15,21 @@ and then KAT on the fused rollout at thresholds that stop some rows: the fractio
 tokens saved next to the fraction of wall-clock saved (rows that stop must stop costing compute).
 Compilation and warm-up are excluded (every variant runs once before it is timed); times are the
 median of --repeats runs. Prints a markdown table with the ratios and the machine it ran on.
+
+--long (the paper's regime; small pair, B=32, W=32, no EOS so every row runs to the end):
+  lengths  tokens/s at 128, 512, 1024 and 2048 new tokens with filled-length buckets
+           (rollout.length_bucket=128) and with attention over the whole cache (=0, the loop
+           before buckets); per-token cost relative to 128 tokens;
+  refill   KAT at 1024 new tokens, tau at quantiles of the batch's own window means, 32 rollouts
+           through 32 slots (compaction only) and through 8 slots (slot refill): tokens saved
+           next to wall-clock saved against the same layout's uncut rollout.
+--tpu TOPOLOGY (no TPU needed: libtpu compiles for it on this CPU, kat_jax.aot):
+  bytes    HBM bytes per decode window of configs/qwen3_opd.py at a 4096-token buffer with 512
+           tokens filled, bucketed vs the whole cache;
+  step     the roofline step time with and without refill at given trap rates (rollout lengths
+           modelled: untrapped rows run to the end, trapped rows stop uniformly in
+           [min_len, max_new_tokens)); window costs are linear in the filled length and the
+           rows, fitted to compiled windows at two fills and two row counts.
 """
 
 from __future__ import annotations
@@ -182,6 +200,234 @@ def bench_kat(student, teacher, prompt, start, key, vocab, new_tokens, args):
   return out
 
 
+# ------------------------------------------------------------------------- long rollouts
+
+
+def bench_lengths(student, teacher, prompt, start, key, vocab, args):
+  """Tokens/s per generation length, filled-length buckets on and off (same process)."""
+  b = prompt.shape[0]
+  out = []
+  for n in args.lengths:
+    row = dict(new=n)
+    for name, bucket in (("on", 128), ("off", 0)):
+      cfg = rollout.RolloutConfig(max_new_tokens=n, eos_ids=(vocab - 1,), pad_id=0,
+                                  vocab_size=vocab - 1, length_bucket=bucket,
+                                  kat=kat.KATConfig(mode="none", window=args.window))
+
+      def run(cfg=cfg):
+        jax.block_until_ready(rollout.rollout(student, teacher, prompt, start, key, cfg))
+
+      row[name] = _timed(run, args.long_repeats)
+      print(f"{n} new tokens, buckets {name}: {row[name]:.2f} s "
+            f"({b * n / row[name]:,.0f} tok/s)", flush=True)
+    out.append(row)
+  base = {k: out[0][k] / out[0]["new"] for k in ("on", "off")}
+  print(f"\n| new tokens | tok/s, buckets | per-token cost vs {out[0]['new']} | tok/s, whole "
+        "cache | per-token cost vs 128 | buckets speed-up |")
+  print("|---|---|---|---|---|---|")
+  for r in out:
+    n = r["new"]
+    print(f"| {n} | {b * n / r['on']:,.0f} | {r['on'] / n / base['on']:.2f}x | "
+          f"{b * n / r['off']:,.0f} | {r['off'] / n / base['off']:.2f}x | "
+          f"{r['off'] / r['on']:.2f}x |")
+  return out
+
+
+def bench_refill(student, teacher, prompt, start, key, vocab, args):
+  """KAT's token saving as wall-clock saving, with and without slot refill."""
+  b, n = prompt.shape[0], args.refill_new_tokens
+  base = dict(max_new_tokens=n, eos_ids=(vocab - 1,), pad_id=0, vocab_size=vocab - 1)
+  kat_kw = dict(window=args.window, patience=args.patience, min_len=args.min_len)
+
+  def timed(cfg, tau=0.0):
+    sched = rollout.Schedule()
+    run = lambda: jax.block_until_ready(rollout.rollout(  # noqa: E731
+        student, teacher, prompt, start, key, cfg, tau=tau))
+    t = _timed(run, args.long_repeats)
+    res = jax.device_get(rollout.rollout(student, teacher, prompt, start, key, cfg, tau=tau,
+                                         schedule=sched))
+    return t, res, sched
+
+  rows = []
+  taus = None
+  for slots in (0, b // 4):
+    layout = f"{b} slots (compaction)" if not slots else f"{slots} slots (refill)"
+    t_none, uncut, _ = timed(rollout.RolloutConfig(**base, slots=slots,
+                                                   kat=kat.KATConfig(mode="none", **kat_kw)))
+    if taus is None:
+      means = np.asarray(uncut.window_mean_BxN)[np.asarray(uncut.window_complete_BxN)]
+      taus = [(q, float(np.quantile(means, q))) for q in args.refill_quantiles]
+    for q, tau in taus:
+      t_kat, res, sched = timed(rollout.RolloutConfig(**base, slots=slots,
+                                                      kat=kat.KATConfig(mode="kat", **kat_kw)),
+                                tau)
+      tok = 1 - float(np.sum(res.length_B)) / float(np.sum(uncut.length_B))
+      wall = 1 - t_kat / t_none
+      rows.append(dict(layout=layout, q=q, trap=float(np.mean(res.terminated_B)), tok=tok,
+                       wall=wall, t_none=t_none, t_kat=t_kat, exits=sched.exits,
+                       windows=max(sched.end)))
+      print(f"KAT {n} new tokens, {layout}, tau=q{q:.2f}: trap rate {rows[-1]['trap']:.2f}, "
+            f"tokens saved {tok:.1%}, wall-clock saved {wall:.1%} ({t_none:.2f} -> {t_kat:.2f} "
+            f"s), {sched.exits} loop calls, {max(sched.end)} windows", flush=True)
+  print(f"\n| {n} new tokens, {b} rollouts | KAT tau (quantile) | trap rate | tokens saved | "
+        "wall-clock saved | wall / tokens | windows run |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['layout']} | q{r['q']:.2f} | {r['trap']:.2f} | {r['tok']:.1%} | {r['wall']:.1%} "
+          f"({r['t_none']:.2f} -> {r['t_kat']:.2f} s) | {r['wall'] / r['tok']:.2f} | "
+          f"{r['windows']} |")
+  return rows
+
+
+def bench_long(args):
+  spec = PAIRS["small"]
+  vocab = spec["vocab"]
+  student, _ = _model(vocab, 0, **spec["student"])
+  teacher, _ = _model(vocab, 1, **spec["teacher"])
+  b, p = args.batch, args.prompt_len
+  prompt = jax.random.randint(jax.random.key(0), (b, p), 0, vocab - 1, jnp.int32)
+  start = jnp.zeros((b,), jnp.int32)
+  key = jax.random.key(1)
+  print(f"\n== long rollouts, small pair, B={b}, prompt {p}, W={args.window}", flush=True)
+  if args.lengths:
+    bench_lengths(student, teacher, prompt, start, key, vocab, args)
+  if args.refill_new_tokens:
+    bench_refill(student, teacher, prompt, start, key, vocab, args)
+
+
+def figure(args):
+  """docs/slots.png: where each rollout ran, one slot per rollout (compaction) vs a quarter of
+  the slots (refill), KAT stopping rows of the small pair (real rollouts, this process)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  spec = PAIRS["small"]
+  vocab = spec["vocab"]
+  student, _ = _model(vocab, 0, **spec["student"])
+  teacher, _ = _model(vocab, 1, **spec["teacher"])
+  b, p, n = 16, args.prompt_len, args.figure_new_tokens
+  prompt = jax.random.randint(jax.random.key(0), (b, p), 0, vocab - 1, jnp.int32)
+  start = jnp.zeros((b,), jnp.int32)
+  kat_kw = dict(window=args.window, patience=args.patience, min_len=args.min_len)
+  base = dict(max_new_tokens=n, eos_ids=(vocab - 1,), pad_id=0, vocab_size=vocab - 1)
+  uncut = rollout.rollout(student, teacher, prompt, start, jax.random.key(1), rollout.RolloutConfig(
+      **base, kat=kat.KATConfig(mode="none", **kat_kw)))
+  means = np.asarray(uncut.window_mean_BxN)[np.asarray(uncut.window_complete_BxN)]
+  tau = float(np.quantile(means, 0.5))
+  fig, axes = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+  cmap = plt.get_cmap("tab20")
+  for ax, slots in zip(axes, (0, b // 4)):
+    sched = rollout.Schedule()
+    res = rollout.rollout(student, teacher, prompt, start, jax.random.key(1),
+                          rollout.RolloutConfig(**base, slots=slots,
+                                                kat=kat.KATConfig(mode="kat", **kat_kw)),
+                          tau=tau, schedule=sched)
+    cut = np.asarray(res.terminated_B)
+    for sl, r, b0, b1 in zip(sched.slot, sched.row, sched.begin, sched.end):
+      ax.barh(sl, b1 - b0, left=b0, color=cmap(r % 20), edgecolor="black", height=0.8)
+      ax.text(b0 + 0.2, sl, f"{r}" + ("✂" if cut[r] else ""), va="center", fontsize=7)
+    total = max(sched.end)
+    ax.set_title(f"{b} rollouts through {slots or b} slots"
+                 + (" (slot refill)" if slots else " (one per rollout; compaction)")
+                 + f": {total} windows", fontsize=10)
+    ax.set_ylabel("slot")
+    ax.invert_yaxis()
+  axes[-1].set_xlabel(f"decode loop windows ({args.window} tokens each); ✂ = stopped by KAT")
+  fig.tight_layout()
+  fig.savefig(args.figure, dpi=110)
+  print(f"wrote {args.figure}")
+
+
+def simulated_windows(lengths_N, slots: int, window: int, group: int) -> list[tuple[int, int]]:
+  """The decode loop's schedule for rollouts of `lengths_N` tokens (host model of
+  rollout.rollout): [(rows run, oldest live row's tokens after it)] per window. slots = len(lengths_N):
+  no refill (compaction to multiples of `group`); fewer: finished slots take the next rollout
+  once `group` of them are free."""
+  todo = [int(-(-x // window)) for x in lengths_N]  # windows each rollout needs
+  queue = list(range(slots, len(todo)))
+  running = {i: 0 for i in range(slots)}  # rollout -> windows done
+  out = []
+  while running:
+    # Compaction runs the live rows in the smallest multiple of `group` that holds them.
+    rows = slots if queue else min(slots, -(-len(running) // group) * group)
+    out.append((rows, window * (max(running.values()) + 1)))
+    for r in running:
+      running[r] += 1
+    for r in [r for r, d in running.items() if d >= todo[r]]:
+      del running[r]
+    free = slots - len(running)
+    while queue and free >= min(group, len(queue)):
+      for _ in range(min(group, len(queue))):
+        running[queue.pop(0)] = 0
+      free = slots - len(running)
+  return out
+
+
+def bench_tpu(args):
+  from kat_jax import aot, config as config_lib, roofline as roofline_lib  # noqa: F401
+  from kat_jax.configfile import load_config
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "qwen3_opd.py"))
+  config.max_new_tokens = args.tpu_new_tokens
+  batch = config.prompts_per_step * config.samples_per_prompt
+  slots = args.tpu_slots or batch // 4
+  fill = args.tpu_filled
+  t0 = time.perf_counter()
+  costs = aot.window_costs(config, args.tpu, fills=(fill, None), batches=(batch, slots))
+  print(f"\n== {args.tpu}: configs/qwen3_opd.py, {batch} rollouts, max_new_tokens "
+        f"{config.max_new_tokens}, windows compiled in {time.perf_counter() - t0:.0f} s",
+        flush=True)
+  t = -(-config.max_new_tokens // config.kat.window) * config.kat.window
+  g = 2**30
+  print("| rows | filled | HBM GiB per window per device | TFLOP per window per device |")
+  print("|---|---|---|---|")
+  for (b, f), c in costs.items():
+    print(f"| {b} | {f or t} | {c.hbm_bytes / g:.3f} | {c.flops / 1e12:.3f} |")
+  ratio = costs[(batch, fill)].hbm_bytes / costs[(batch, None)].hbm_bytes
+  print(f"HBM bytes per window at {fill} of {t} tokens filled, buckets vs whole cache: "
+        f"{ratio:.2f}x")
+
+  # Linear model per window: cost(rows, filled) = fixed + rows * (a + c * filled), from the four
+  # compiled windows (bytes and flops separately).
+  def fit(attr):
+    get = lambda b, f: getattr(costs[(b, f)], attr)  # noqa: E731
+    per_row = {b: (get(b, None) - get(b, fill)) / (t - fill) for b in (batch, slots)}
+    slope = (per_row[batch] - per_row[slots]) / (batch - slots)  # per row per filled token
+    at_fill = {b: get(b, fill) for b in (batch, slots)}
+    row_cost = (at_fill[batch] - at_fill[slots]) / (batch - slots)  # per row, at `fill`
+    fixed = at_fill[batch] - batch * row_cost
+    del per_row
+    return lambda rows, filled: fixed + rows * (row_cost + slope * (filled - fill))
+
+  flops, hbm = fit("flops"), fit("hbm_bytes")
+  coll = costs[(batch, None)].collective_bytes
+  chip = roofline_lib.CHIPS[args.tpu.split(":")[0]]
+
+  def seconds(schedule):
+    return sum(max(flops(r, f) / chip.flops, hbm(r, f) / chip.hbm_bw) + coll / chip.ici_link_bw
+               for r, f in schedule)
+
+  rng = np.random.default_rng(0)
+  group = max(slots // 8, 1)
+  print(f"\npredicted rollout seconds on {args.tpu} ({chip.name} peaks), {batch} rollouts of up "
+        f"to {config.max_new_tokens} tokens, buckets on:")
+  print(f"| trap rate | tokens generated | {batch} slots (compaction) | {slots} slots (refill) | "
+        "refill speed-up |")
+  print("|---|---|---|---|---|")
+  for rate in args.trap_rates:
+    trapped = rng.random(batch) < rate
+    lengths = np.where(trapped, rng.integers(config.kat.min_len, t, batch), t)
+    buckets = rollout.length_buckets(t, 128, config.kat.window)
+    def bucketed(sched):
+      return [(r, min(x for x in buckets if x >= f)) for r, f in sched]
+    full = seconds(bucketed(simulated_windows(lengths, batch, config.kat.window,
+                                              max(batch // 8, 1))))
+    refill = seconds(bucketed(simulated_windows(lengths, slots, config.kat.window, group)))
+    print(f"| {rate:.2f} | {lengths.sum() / (batch * t):.0%} | {full:.1f} s | {refill:.1f} s | "
+          f"{full / refill:.2f}x |")
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -242,10 +488,31 @@ def main():
                   help="generation lengths for the KAT measurement (small pair)")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--long", action="store_true", help="the long-rollout measurements only")
+  ap.add_argument("--lengths", type=int, nargs="*", default=[128, 512, 1024, 2048])
+  ap.add_argument("--long-repeats", type=int, default=1)
+  ap.add_argument("--refill-new-tokens", type=int, default=1024)
+  ap.add_argument("--refill-quantiles", type=float, nargs="+", default=[0.3, 0.5])
+  ap.add_argument("--tpu", default="", help="a TPU topology, e.g. v5e:4x4: the compiled part")
+  ap.add_argument("--tpu-new-tokens", type=int, default=4096)
+  ap.add_argument("--tpu-filled", type=int, default=512)
+  ap.add_argument("--tpu-slots", type=int, default=0, help="default: a quarter of the batch")
+  ap.add_argument("--trap-rates", type=float, nargs="+", default=[0.0, 0.2, 0.32, 0.6])
+  ap.add_argument("--figure", default="", help="write the schedule picture (docs/slots.png)")
+  ap.add_argument("--figure-new-tokens", type=int, default=512)
   args = ap.parse_args()
   print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU "
         f"cores; JAX {jax.__version__} on {jax.device_count()} {jax.default_backend()} "
         f"device(s): {jax.devices()[0].device_kind}")
+  if args.figure:
+    figure(args)
+    return
+  if args.tpu:
+    bench_tpu(args)
+    return
+  if args.long:
+    bench_long(args)
+    return
   rows = []
   for name in args.pairs.split(","):
     bench_pair(name, PAIRS[name], args, rows)

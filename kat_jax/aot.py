@@ -188,6 +188,7 @@ class Report:
   max_new_tokens: int
   window: int
   costs: dict = dataclasses.field(default_factory=dict)  # piece -> roofline.Cost
+  slots: int = 0  # the rollout's decode rows (rollout.slots; 0 = batch)
 
   def pieces(self) -> dict:
     """Costs per decode window, rollout, update and step (trip counts applied; every row
@@ -200,13 +201,14 @@ class Report:
             "step": rollout_cost + update}
 
 
-def _one_step(s_graph, s_params, state, *, cfg):
+def _one_step(s_graph, s_params, state, *, cfg, filled=None):
   carry = (state.s_next_BxV, state.s_cache, state.length_B, state.eos_B, state.done_B)
-  return rollout.sample_step(nnx.merge(s_graph, s_params), state, carry, 0, cfg)[0]
+  return rollout.sample_step(nnx.merge(s_graph, s_params), state, carry, 0, cfg, filled)[0]
 
 
-def _one_window(s_graph, s_params, t_graph, t_params, state, *, cfg):
-  return rollout.window_step(nnx.merge(s_graph, s_params), nnx.merge(t_graph, t_params), state, cfg)
+def _one_window(s_graph, s_params, t_graph, t_params, state, *, cfg, filled=None):
+  return rollout.window_step(nnx.merge(s_graph, s_params), nnx.merge(t_graph, t_params), state,
+                             cfg, filled)
 
 
 @dataclasses.dataclass
@@ -273,11 +275,15 @@ def _step(config, devices, mesh_shape, rollout_tensor) -> tuple[_Step, tuple, in
   return step, shape, tp
 
 
-def _rollout_programs(st: _Step, report: Report, roofline: bool, compaction: bool):
+def _rollout_programs(st: _Step, report: Report, roofline: bool, compaction: bool,
+                      loop: bool = True):
   """Prefill, the decode loop (full batch, and each compacted batch) and the roofline's
-  loop-free rollout pieces. Returns the loop state's abstract shapes (None: no prefill)."""
+  loop-free rollout pieces. Returns the loop state's abstract shapes (None: no prefill).
+  loop=False: the prefill only (its output is the state the other programs take)."""
   config, r_cfg, mesh = st.config, st.r_cfg, st.mesh
-  b, p = report.batch, config.max_prompt_len  # the longest prompt bucket a run can produce
+  # The decode rows (slots; the rest of the batch is refilled into them) and the longest prompt
+  # bucket a run can produce.
+  b, p = report.slots or report.batch, config.max_prompt_len
   one = NamedSharding(mesh, PartitionSpec())
   (sg, sa), (tg, ta) = st.student, st.teacher
   prompt_args = (_sds((b, p), jnp.int32, st.rows(b, p)), _sds((b,), jnp.int32, st.rows(b)),
@@ -294,8 +300,12 @@ def _rollout_programs(st: _Step, report: Report, roofline: bool, compaction: boo
   shapes = jax.eval_shape(lambda *a: rollout.prefill(*a, cfg=r_cfg), sg, sa, tg, ta,
                           *prompt_args)
   state = _with_shardings(shapes, exe.output_shardings, mesh)
+  if not loop:
+    return state
+  # With fewer slots than rollouts the loop also stops for refills (a traced refill count).
+  refill = _sds((), jnp.int32, one) if b < report.batch else None
   res, _ = _compile(f"rollout decode loop (B={b})", lambda: rollout.decode_loop.lower(
-      sg, sa, tg, ta, state, _sds((), jnp.int32, one), cfg=r_cfg))
+      sg, sa, tg, ta, state, _sds((), jnp.int32, one), refill, cfg=r_cfg))
   res.resident = st.train_state
   if not res.error and sharding.batch_shards(mesh, st.rules) > 1:
     res.findings = loop_findings(res.hlo, b, r_cfg.window, st.vocab,
@@ -389,8 +399,10 @@ def check(config, topology: str | None, mesh_shape=None, rollout_tensor=None, up
   """
   devices = topology_devices(topology) if devices is None else devices
   st, shape, tp = _step(config, devices, mesh_shape, rollout_tensor)
-  report = Report([], shape, tp, config.prompts_per_step * config.samples_per_prompt,
-                  st.r_cfg.max_new_tokens, st.r_cfg.window)
+  batch = config.prompts_per_step * config.samples_per_prompt
+  report = Report([], shape, tp, batch, st.r_cfg.max_new_tokens, st.r_cfg.window,
+                  slots=rollout.resolve_slots(st.r_cfg, batch,
+                                              sharding.batch_shards(st.mesh, st.rules)))
   state = _rollout_programs(st, report, roofline, compaction)
   if state is None:
     return report
@@ -399,6 +411,35 @@ def check(config, topology: str | None, mesh_shape=None, rollout_tensor=None, up
   if update:
     _update_programs(st, report, state, roofline)
   return report
+
+
+def window_costs(config, topology: str | None, fills, batches=(None,), devices=None) -> dict:
+  """Per-device roofline cost of one KAT window of the fused rollout (W student steps + one
+  teacher chunk), attending over prompt + `filled` new-token slots (None: the whole buffer), for
+  each (batch, filled): {(batch, filled): roofline.Cost}. batch None = the config's slots."""
+  devices = topology_devices(topology) if devices is None else devices
+  st, shape, tp = _step(config, devices, None, None)
+  report = Report([], shape, tp, config.prompts_per_step * config.samples_per_prompt,
+                  st.r_cfg.max_new_tokens, st.r_cfg.window)
+  window = jax.jit(_one_window, static_argnames=("s_graph", "t_graph", "cfg", "filled"),
+                   donate_argnames=("state",))
+  (sg, sa), (tg, ta) = st.student, st.teacher
+  out = {}
+  for b in batches:
+    report.slots = b or 0
+    state = _rollout_programs(st, report, roofline=False, compaction=False, loop=False)
+    if state is None:
+      raise RuntimeError(f"the rollout prefill does not compile: {report.results[-1].error}")
+    if b and b != state.done_B.shape[0]:
+      raise ValueError(f"batch {b}: not the prefill's")
+    for f in fills:
+      piece, exe = _compile(f"window (B={b}, filled={f})", lambda: window.lower(
+          sg, sa, tg, ta, state, cfg=st.r_cfg, filled=f))
+      if exe is None:
+        raise RuntimeError(f"the window program does not compile: {piece.error}")
+      out[(b, f)] = roofline_lib.program_cost(exe)
+      jax.clear_caches()
+  return out
 
 
 def refuse_if_too_big(report: Report, device_memory: float, config) -> None:

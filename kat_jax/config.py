@@ -99,6 +99,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.compile_check = "auto"
   c.rescore_student = False
   c.compact_multiple = 0
+  # Long rollouts (kat_jax/rollout.py). slots: rows decoded at once (0 = one per rollout); with
+  # fewer slots than prompts_per_step x samples_per_prompt, a finished row's slot takes the next
+  # prompt (slot refill: the step ends when the total work is done, not when each batch's longest
+  # row is; the KV caches hold `slots` rows). length_bucket: attention reads the prompt and the
+  # first length_bucket, 2x, 4x, ... generated slots as rows fill them (0 = the whole buffer).
+  c.rollout = ml_collections.ConfigDict(dict(slots=0, length_bucket=128))
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
   c.max_consecutive_skips = 5
@@ -211,6 +217,11 @@ def _check_mesh_and_batch(config) -> tuple[int, int, int]:
           f"the batch prompts_per_step x samples_per_prompt = {batch} must be divisible by the "
           f"{shape[0] * shape[1]} batch shards (mesh data x fsdp) of the {jax.device_count()} "
           f"devices times loss.microbatches={config.loss.microbatches}.")
+  slots, shards = config.rollout.slots, shape[0] * shape[1]
+  if slots > 0 and (slots > batch or slots % shards):
+    _fail("rollout.slots", slots, f"must be <= the {batch} rollouts of a step (prompts_per_step x "
+          f"samples_per_prompt) and a multiple of the {shards} batch shards; use 0 (one slot per "
+          f"rollout) or e.g. {max(batch // 4 // shards, 1) * shards}.")
   return shape
 
 
@@ -370,7 +381,8 @@ def rollout_config(config, eos_ids, pad_id, vocab_size) -> rollout.RolloutConfig
       kat=kat.KATConfig(mode=k.mode, signal=k.signal, window=k.window, patience=k.patience,
                         min_len=k.min_len, cut=k.cut, spike_gate=k.spike_gate,
                         fixed_len=k.fixed_len),
-      rescore_student=config.rescore_student, compact_multiple=config.compact_multiple)
+      rescore_student=config.rescore_student, compact_multiple=config.compact_multiple,
+      slots=config.rollout.slots, length_bucket=config.rollout.length_bucket)
 
 
 def threshold_config(config) -> threshold.ThresholdConfig:

@@ -93,6 +93,7 @@ def window_update(state: KATState, signal_BxW, length_B, eos_B, start, tau, spik
                   cfg: KATConfig) -> tuple[KATState, jax.Array]:
   """Processes window [start, start + W) of every row; returns (state, fire_B).
 
+  start: the window's first token index, one for all rows ([]) or per row ([B]: slot refill).
   signal_BxW: per-token signal (values past a row's length are ignored); length_B: tokens the row
   has generated so far (<= start + W); eos_B: the row has ended with EOS.
   """
@@ -117,7 +118,7 @@ def window_update(state: KATState, signal_BxW, length_B, eos_B, start, tau, spik
     low = low & state.spiked_B
   low_run = jnp.where(low, state.low_run_B + 1, 0)
   fire = low & (low_run >= cfg.patience) & (end >= cfg.min_len) & ~state.terminated_B
-  valid_BxW = (start + jnp.arange(w))[None, :] < length_B[:, None]
+  valid_BxW = jnp.reshape(start, (-1, 1)) + jnp.arange(w)[None, :] < length_B[:, None]
   spike = jnp.any(valid_BxW & (signal_BxW > spike_tau), axis=-1)
   return state.replace(
       low_run_B=low_run,

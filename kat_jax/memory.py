@@ -11,7 +11,8 @@ Every item is bytes per device on a (data, fsdp, tensor) mesh:
   optimizer     AdamW's two moments (shaped and sharded like the student's params), plus an fp32
                 gradient sum with optim.accumulation_steps > 1;
   gradients     one student-sized tree, alive during the update;
-  kv caches     both models, [B/(data*groups), kv_heads/tensor, prompt + max_new_tokens, head_dim]
+  kv caches     both models, [slots/(data*groups), kv_heads/tensor, prompt + max_new_tokens,
+                head_dim], slots = rollout.slots or the batch B
                 in the rollout's layout (kat_jax.sharding.ROLLOUT_RULES: tensor-parallel groups,
                 the batch over the groups), where the teacher lives and the student is copied
                 for each rollout;
@@ -137,15 +138,18 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
          param_bytes_t: int = 4, compute_bytes: int = 4, objective: str = "sampled_pg",
          remat: bool = False, microbatches: int = 1, loss_chunk: int = 0, attn_chunk: int = 0,
          accumulation_steps: int = 1, rollout_tensor_parallel: int = 0,
-         scan_layers: bool = False, device_memory: float | None = None) -> Plan:
+         scan_layers: bool = False, device_memory: float | None = None,
+         slots: int = 0) -> Plan:
   """rollout_tensor_parallel: the rollout's tensor-parallel degree (resolved, as
-  sharding.resolve_rollout_tensor gives it); 0 = the rollout in the training layout."""
+  sharding.resolve_rollout_tensor gives it); 0 = the rollout in the training layout.
+  slots: the rollout's decode rows (rollout.slots; 0 = batch): the KV caches and the loop's
+  buffers hold `slots` rows, the finished rollouts wait in [batch, T] result buffers."""
   data, fsdp, tensor = mesh_shape
   b = batch / (data * fsdp)  # rows per device in the update
   tp = rollout_tensor_parallel if rollout_tensor_parallel > 1 else 0
   r_shape = rollout_shape(mesh_shape, tp)
   r_rules = ROLLOUT_RULES if tp else DEFAULT_RULES
-  b_r = batch / (r_shape[0] * r_shape[1])  # rows per device in the rollout
+  b_r = (slots or batch) / (r_shape[0] * r_shape[1])  # decode rows per device in the rollout
   t = -(-max_new_tokens // window) * window
   s_len = prompt_len + t
   items = {}
@@ -162,6 +166,8 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
                                  * s_len * c.head_dim * compute_bytes)
   v_r = _split(vocab, r_shape[2])
   items["rollout buffers"] = b_r * (6 * t * 4 + 2 * v_r * 4 + 6 * window * v_r * 4)
+  if slots and slots < batch:  # the parked results of every rollout of the step
+    items["rollout buffers"] += batch / (r_shape[0] * r_shape[1]) * 6 * t * 4
   v = _split(vocab, tensor)
   c = student
   h, i, e = _split(c.num_heads, tensor), _split(c.intermediate_size, tensor), c.hidden_size
@@ -265,7 +271,8 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
               microbatches=microbatches, loss_chunk=config.loss.chunk,
               attn_chunk=config.attn_chunk,
               accumulation_steps=config.optim.accumulation_steps, rollout_tensor_parallel=tp,
-              scan_layers=config.get("scan_layers", False), device_memory=device_memory)
+              scan_layers=config.get("scan_layers", False), device_memory=device_memory,
+              slots=config.rollout.slots if "rollout" in config else 0)
 
 
 def plans(config, n_devices: int, device_memory: float | None, accelerator: bool):

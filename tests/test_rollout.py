@@ -325,3 +325,74 @@ def test_student_only_generate_draws_the_rollout_tokens(models):
                                     eos_ids=EOS, pad_id=PAD, vocab_size=VOCAB)
   np.testing.assert_array_equal(np.asarray(length), res.length_B)
   np.testing.assert_array_equal(np.asarray(tokens), res.tokens_BxT[:, :24])
+  # Filled-length buckets (4, 8, 16, 24 new tokens: four loops in one program): the same draws.
+  tokens, length = rollout.generate(student, p, start, jax.random.key(11), max_new_tokens=24,
+                                    eos_ids=EOS, pad_id=PAD, vocab_size=VOCAB, length_bucket=4)
+  np.testing.assert_array_equal(np.asarray(length), res.length_B)
+  np.testing.assert_array_equal(np.asarray(tokens), res.tokens_BxT[:, :24])
+
+
+def test_attention_reads_only_the_attended_prefix(models):
+  """decode(..., attend=L) must not touch slots >= L: NaN there leaves its output finite (and
+  equal to the whole-cache result on a clean cache), while the whole-cache decode turns NaN."""
+  student, _ = models
+  p, start = _prompts()
+  cache = student.init_cache(8, 40, jnp.asarray(start))
+  decode = nnx.jit(lambda m, t, c, attend=None: m.decode(t, c, attend=attend),
+                   static_argnames="attend")
+  _, cache = decode(student, jnp.asarray(p), cache)
+  tok = jnp.full((8, 2), 5, jnp.int32)
+  ref, _ = decode(student, tok, cache)
+  poison = lambda a: a.at[:, :, 16:].set(jnp.nan)  # noqa: E731
+  dirty = cache.replace(k=tuple(map(poison, cache.k)), v=tuple(map(poison, cache.v)))
+  got, _ = decode(student, tok, dirty, attend=16)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+  assert np.isnan(np.asarray(decode(student, tok, dirty)[0])).all()
+
+
+def test_length_buckets_do_not_change_results(models):
+  """length_bucket=4: the loop attends over 4, 8, 16, then 32 new-token slots, a separate
+  compiled loop each; the samples and KAT's decisions are those of the whole-cache loop."""
+  cfg = _cfg(kat={"min_len": 4}, max_new_tokens=32, length_bucket=4)
+  assert cfg.fill_buckets == (4, 8, 16, 32)
+  sched = rollout.Schedule()
+  s, t = models
+  p, start = _prompts()
+  a = jax.device_get(rollout.rollout(s, t, p, start, jax.random.key(5), cfg, tau=1.2,
+                                     schedule=sched))
+  b = _run(models, _cfg(kat={"min_len": 4}, max_new_tokens=32, length_bucket=0), key=5, tau=1.2)
+  assert a.terminated_B.any() and sched.exits >= 4  # bucket exits (and compaction) happened
+  for name in ("tokens_BxT", "length_B", "eos_B", "terminated_B", "detect_B", "trained_len_B"):
+    np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+  for name in ("logp_student_BxT", "logp_teacher_BxT", "logp_behavior_BxT", "kl_BxT"):
+    np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-5, err_msg=name)
+
+
+def test_slot_refill_draws_the_same_rollouts(models):
+  """16 rollouts through 4 slots (finished rows' slots take the next prompts) against one slot
+  per rollout: each rollout keeps its own keys and clock, so tokens and KAT's decisions are the
+  same; the schedule runs every rollout once, never two in one slot at a time."""
+  prompts = PROMPTS * 2
+  probe = np.arange(16) % 5 == 0  # probe rows: cut recorded, generation goes on
+  s, t = models
+  p, start = _prompts(prompts)
+  kw = dict(kat={"min_len": 4}, max_new_tokens=32, length_bucket=8)
+  run = lambda cfg, sched=None: jax.device_get(rollout.rollout(  # noqa: E731
+      s, t, p, start, jax.random.key(3), cfg, tau=1.2, probe_B=probe, schedule=sched))
+  ref = run(_cfg(**kw))
+  sched = rollout.Schedule()
+  got = run(_cfg(slots=4, compact_multiple=1, **kw), sched)
+  assert ref.terminated_B.any() and (ref.length_B < 32).any()
+  for name in ("tokens_BxT", "length_B", "eos_B", "terminated_B", "detect_B", "onset_B",
+               "trained_len_B", "loss_mask_BxT", "window_complete_BxN", "probe_B"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+  for name in ("logp_student_BxT", "logp_teacher_BxT", "logp_behavior_BxT", "kl_BxT",
+               "window_mean_BxN"):
+    np.testing.assert_allclose(getattr(got, name), getattr(ref, name), atol=1e-5, err_msg=name)
+  assert sorted(sched.row) == list(range(16)) and set(sched.slot) == {0, 1, 2, 3}
+  for slot in range(4):
+    spans = sorted((b, e) for sl, b, e in zip(sched.slot, sched.begin, sched.end) if sl == slot)
+    assert all(e1 <= b2 for (_, e1), (b2, _) in zip(spans, spans[1:])), spans
+  # Each rollout occupied its slot for the windows it generated in.
+  windows = -(-np.asarray(got.length_B) // 4)
+  np.testing.assert_array_equal(np.asarray(sched.end) - sched.begin, windows[sched.row])

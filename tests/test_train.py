@@ -183,6 +183,9 @@ BAD = [
     (dict(data__heldout_size=-1), r"config\.data\.heldout_size=-1: must be >= 0"),
     (dict(compile_check="maybe"), r"config\.compile_check='maybe': use 'auto' \(on TPU\)"),
     (dict(mesh__rollout_tensor=-2), r"config\.mesh\.rollout_tensor=-2: use -1"),
+    (dict(rollout__slots=4), r"config\.rollout\.slots=4: must be <= the 8 rollouts .* multiple "
+                             r"of the 8 batch shards"),
+    (dict(rollout__slots=-1), r"config\.rollout\.slots=-1 and rollout\.length_bucket=128 must"),
     (dict(mesh__rollout_tensor=4), r"config\.mesh\.rollout_tensor=4: .*does not divide "
                                    r"num_kv_heads=2"),
 ]
