@@ -275,6 +275,14 @@ def _step(config, devices, mesh_shape, rollout_tensor) -> tuple[_Step, tuple, in
   return step, shape, tp
 
 
+def _prompt_args(st: _Step, b: int) -> tuple:
+  """The prefill's abstract inputs for b rows: prompts, starts, probes, key, tau, spike_tau."""
+  p, one = st.config.max_prompt_len, NamedSharding(st.mesh, PartitionSpec())
+  return (_sds((b, p), jnp.int32, st.rows(b, p)), _sds((b,), jnp.int32, st.rows(b)),
+          _sds((b,), jnp.bool_, st.rows(b)), _sds((), jax.random.key(0).dtype, one),
+          _sds((), jnp.float32, one), _sds((), jnp.float32, one))
+
+
 def _rollout_programs(st: _Step, report: Report, roofline: bool, compaction: bool,
                       loop: bool = True):
   """Prefill, the decode loop (full batch, and each compacted batch) and the roofline's
@@ -286,9 +294,7 @@ def _rollout_programs(st: _Step, report: Report, roofline: bool, compaction: boo
   b, p = report.slots or report.batch, config.max_prompt_len
   one = NamedSharding(mesh, PartitionSpec())
   (sg, sa), (tg, ta) = st.student, st.teacher
-  prompt_args = (_sds((b, p), jnp.int32, st.rows(b, p)), _sds((b,), jnp.int32, st.rows(b)),
-                 _sds((b,), jnp.bool_, st.rows(b)), _sds((), jax.random.key(0).dtype, one),
-                 _sds((), jnp.float32, one), _sds((), jnp.float32, one))
+  prompt_args = _prompt_args(st, b)
   res, exe = _compile("rollout prefill", lambda: rollout.prefill.lower(
       sg, sa, tg, ta, *prompt_args, cfg=r_cfg))
   res.resident = st.train_state
@@ -415,14 +421,17 @@ def check(config, topology: str | None, mesh_shape=None, rollout_tensor=None, up
 
 def window_costs(config, topology: str | None, fills, batches=(None,), devices=None) -> dict:
   """Per-device roofline cost of one KAT window of the fused rollout (W student steps + one
-  teacher chunk), attending over prompt + `filled` new-token slots (None: the whole buffer), for
-  each (batch, filled): {(batch, filled): roofline.Cost}. batch None = the config's slots."""
+  teacher chunk: the window program plus W - 1 student steps, as Report.pieces counts it)
+  attending over prompt + `filled` new-token slots (None: the whole buffer), for each (batch,
+  filled): {(batch, filled): roofline.Cost}. batch None = the config's slots."""
   devices = topology_devices(topology) if devices is None else devices
   st, shape, tp = _step(config, devices, None, None)
   report = Report([], shape, tp, config.prompts_per_step * config.samples_per_prompt,
                   st.r_cfg.max_new_tokens, st.r_cfg.window)
   window = jax.jit(_one_window, static_argnames=("s_graph", "t_graph", "cfg", "filled"),
                    donate_argnames=("state",))
+  step = jax.jit(_one_step, static_argnames=("s_graph", "cfg", "filled"),
+                 donate_argnames=("state",))
   (sg, sa), (tg, ta) = st.student, st.teacher
   out = {}
   for b in batches:
@@ -430,14 +439,18 @@ def window_costs(config, topology: str | None, fills, batches=(None,), devices=N
     state = _rollout_programs(st, report, roofline=False, compaction=False, loop=False)
     if state is None:
       raise RuntimeError(f"the rollout prefill does not compile: {report.results[-1].error}")
-    if b and b != state.done_B.shape[0]:
-      raise ValueError(f"batch {b}: not the prefill's")
     for f in fills:
-      piece, exe = _compile(f"window (B={b}, filled={f})", lambda: window.lower(
-          sg, sa, tg, ta, state, cfg=st.r_cfg, filled=f))
-      if exe is None:
-        raise RuntimeError(f"the window program does not compile: {piece.error}")
-      out[(b, f)] = roofline_lib.program_cost(exe)
+      # XLA counts the window's W-step student scan once: add W - 1 single steps.
+      costs = []
+      for name, lower in (("window", lambda: window.lower(sg, sa, tg, ta, state, cfg=st.r_cfg,
+                                                          filled=f)),
+                          ("student step", lambda: step.lower(sg, sa, state, cfg=st.r_cfg,
+                                                              filled=f))):
+        piece, exe = _compile(f"{name} (B={b}, filled={f})", lower)
+        if exe is None:
+          raise RuntimeError(f"the {name} program does not compile: {piece.error}")
+        costs.append(roofline_lib.program_cost(exe))
+      out[(b, f)] = costs[0] + costs[1] * (st.r_cfg.window - 1)
       jax.clear_caches()
   return out
 

@@ -54,10 +54,13 @@ def models(tmp_path_factory):
 
 def test_two_processes_train_like_one(models, tmp_path):
   spec = f"tests/tiny_config.py:{models[0]},{models[1]},2"
-  _launch(spec, tmp_path / "one", 1, 8)
+  # 16 rollouts through 8 decode slots: slot refill's prefills and row updates across processes.
+  refill = ("--config.prompts_per_step=8", "--config.rollout.slots=8")
+  _launch(spec, tmp_path / "one", 1, 8, refill)
   # FSDP over both processes: the student is resharded into the rollout's tensor-parallel groups
   # (2 devices each, the batch over the 4 groups, across the processes) and back every step.
-  outs = _launch(spec, tmp_path / "two", 2, 4, ("--config.mesh.data=1", "--config.mesh.fsdp=-1"))
+  outs = _launch(spec, tmp_path / "two", 2, 4,
+                 ("--config.mesh.data=1", "--config.mesh.fsdp=-1", *refill))
   assert "kat_jax OPD summary" in outs[0][0] and "kat_jax OPD summary" not in outs[1][0]
   one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
   two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]

@@ -287,14 +287,16 @@ def test_sampling_matches_top_k_top_p_distribution():
                              rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape,tp", [((8, 1, 1), 0), ((2, 2, 2), 0), ((1, 4, 2), 0),
-                                      ((1, 8, 1), 2)])
-def test_sharded_rollout_equals_single_device(models, shape, tp):
+@pytest.mark.parametrize("shape,tp,slots", [((8, 1, 1), 0, 0), ((2, 2, 2), 0, 8),
+                                            ((1, 4, 2), 0, 0), ((1, 8, 1), 2, 0)])
+def test_sharded_rollout_equals_single_device(models, shape, tp, slots):
   """tp > 0: the rollout's own layout (sharding.ROLLOUT_RULES on groups of tp devices): heads,
-  MLP and vocabulary split, so sampling, log-softmax and KL reduce over a split vocabulary."""
+  MLP and vocabulary split, so sampling, log-softmax and KL reduce over a split vocabulary.
+  slots: 16 rollouts through 8 sharded slots (refill groups of 4 rows)."""
   prompts = PROMPTS * 2  # 16 rows: compaction to 8 keeps a multiple of the batch shards
-  cfg = _cfg(kat={"min_len": 4}, max_new_tokens=24)
-  ref = _run(models, cfg, key=9, tau=1.2, prompts=prompts)
+  ref = _run(models, _cfg(kat={"min_len": 4}, max_new_tokens=24), key=9, tau=1.2,
+             prompts=prompts)
+  cfg = _cfg(kat={"min_len": 4}, max_new_tokens=24, slots=slots)
   mesh = sharding.make_mesh(shape)
   rules = sharding.DEFAULT_RULES
   if tp:

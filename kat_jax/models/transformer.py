@@ -193,7 +193,11 @@ class Attention(nnx.Module):
       keys, values = k_BxKxTxD, v_BxKxTxD
     else:
       # Only the first S slots: a static slice, so a decode step reads the filled part of the
-      # cache (rounded up to the caller's bucket), not all of it.
+      # cache (rounded up to the caller's bucket), not all of it. XLA:TPU reads the slice in
+      # place (Qwen3-1.7B decode step, 128 rows, v5e:4x4: 2.89 GiB per device attending over
+      # 1024 of 4608 slots, 6.11 over all, 6.97 over a cache resized to 1024 slots: it copies
+      # small caches through async slices). XLA CPU copies a sliced operand before its dot,
+      # but a rollout with caches resized to each bucket ran no faster end to end here.
       s_len = mask_BxTxS.shape[-1]
       keys = keys_BxKxSxD[:, :, :s_len].astype(dt)
       values = values_BxKxSxD[:, :, :s_len].astype(dt)
