@@ -328,9 +328,10 @@ def figure(args):
       ax.barh(sl, b1 - b0, left=b0, color=cmap(r % 20), edgecolor="black", height=0.8)
       ax.text(b0 + 0.2, sl, f"{r}" + ("✂" if cut[r] else ""), va="center", fontsize=7)
     total = max(sched.end)
+    busy = sum(e - b0 for b0, e in zip(sched.begin, sched.end)) / ((slots or b) * total)
     ax.set_title(f"{b} rollouts through {slots or b} slots"
                  + (" (slot refill)" if slots else " (one per rollout; compaction)")
-                 + f": {total} windows", fontsize=10)
+                 + f": {total} windows, slots busy {busy:.0%} of the time", fontsize=10)
     ax.set_ylabel("slot")
     ax.set_yticks(range(0, slots or b, 1 if slots else 2))
     ax.invert_yaxis()
