@@ -367,7 +367,7 @@ def simulated_windows(lengths_N, slots: int, window: int, group: int) -> list[tu
 
 
 def bench_tpu(args):
-  from kat_jax import aot, config as config_lib, roofline as roofline_lib  # noqa: F401
+  from kat_jax import aot, roofline as roofline_lib
   from kat_jax.configfile import load_config
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -407,7 +407,6 @@ def bench_tpu(args):
     at_fill = {b: get(b, fill) for b in (batch, slots)}
     row_cost = (at_fill[batch] - at_fill[slots]) / (batch - slots)  # per row, at `fill`
     fixed = at_fill[batch] - batch * row_cost
-    del per_row
     return lambda rows, filled: fixed + rows * (row_cost + slope * (filled - fill))
 
   flops, hbm = fit("flops"), fit("hbm_bytes")

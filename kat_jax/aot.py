@@ -407,7 +407,7 @@ def check(config, topology: str | None, mesh_shape=None, rollout_tensor=None, up
   st, shape, tp = _step(config, devices, mesh_shape, rollout_tensor)
   batch = config.prompts_per_step * config.samples_per_prompt
   report = Report([], shape, tp, batch, st.r_cfg.max_new_tokens, st.r_cfg.window,
-                  slots=rollout.resolve_slots(st.r_cfg, batch,
+                  slots=rollout.resolve_slots(st.r_cfg.slots, batch,
                                               sharding.batch_shards(st.mesh, st.rules)))
   state = _rollout_programs(st, report, roofline, compaction)
   if state is None:

@@ -217,11 +217,11 @@ def _check_mesh_and_batch(config) -> tuple[int, int, int]:
           f"the batch prompts_per_step x samples_per_prompt = {batch} must be divisible by the "
           f"{shape[0] * shape[1]} batch shards (mesh data x fsdp) of the {jax.device_count()} "
           f"devices times loss.microbatches={config.loss.microbatches}.")
-  slots, shards = config.rollout.slots, shape[0] * shape[1]
-  if slots > 0 and (slots > batch or slots % shards):
-    _fail("rollout.slots", slots, f"must be <= the {batch} rollouts of a step (prompts_per_step x "
-          f"samples_per_prompt) and a multiple of the {shards} batch shards; use 0 (one slot per "
-          f"rollout) or e.g. {max(batch // 4 // shards, 1) * shards}.")
+  if config.rollout.slots > 0:  # negative: RolloutConfig's range check (_check_dataclasses)
+    try:
+      rollout.resolve_slots(config.rollout.slots, batch, shape[0] * shape[1])
+    except ConfigError as e:
+      raise ConfigError(f"config.{e}") from None
   return shape
 
 

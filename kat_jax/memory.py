@@ -272,7 +272,7 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
               attn_chunk=config.attn_chunk,
               accumulation_steps=config.optim.accumulation_steps, rollout_tensor_parallel=tp,
               scan_layers=config.get("scan_layers", False), device_memory=device_memory,
-              slots=config.rollout.slots if "rollout" in config else 0)
+              slots=config.rollout.slots)
 
 
 def plans(config, n_devices: int, device_memory: float | None, accelerator: bool):

@@ -455,11 +455,11 @@ def compaction_sizes(batch: int, compact_multiple: int, batch_multiple: int = 1)
   return sorted({batch} | set(range(multiple, batch, multiple)), reverse=True)
 
 
-def resolve_slots(cfg: RolloutConfig, batch: int, batch_multiple: int = 1) -> int:
-  """The decode slots of a `batch`-rollout step: cfg.slots (0: one per rollout)."""
-  slots = cfg.slots or batch
+def resolve_slots(slots: int, batch: int, batch_multiple: int = 1) -> int:
+  """The decode slots of a `batch`-rollout step: rollout.slots (0: one per rollout)."""
+  requested, slots = slots, slots or batch
   if slots > batch or slots % batch_multiple:
-    raise ConfigError(f"rollout.slots={cfg.slots}: must be <= the {batch} rollouts of a step and "
+    raise ConfigError(f"rollout.slots={requested}: must be <= the {batch} rollouts of a step and "
                       f"a multiple of the {batch_multiple} batch shards; use 0 (one slot per "
                       f"rollout) or e.g. {max(batch // 4 // batch_multiple, 1) * batch_multiple}.")
   return slots
@@ -505,7 +505,7 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
   b = prompt_BxP.shape[0]
   if b % batch_multiple:
     raise ValueError(f"batch size {b} is not a multiple of batch_multiple={batch_multiple}.")
-  slots = resolve_slots(cfg, b, batch_multiple)
+  slots = resolve_slots(cfg.slots, b, batch_multiple)
   # Scalars (key, thresholds) go where the params are: replicated over their mesh, if any.
   where = getattr(student.embed[...], "sharding", None)
   if probe_B is None:
@@ -570,9 +570,10 @@ def rollout(student: Transformer, teacher: Transformer, prompt_BxP, start_B, key
       if row_id[i] in began and schedule is not None:
         _record(schedule, slot_of[i], row_id[i], began.pop(row_id[i]), step[i] // cfg.window)
     if refill_at is not None:
-      # The next prompts go into the first free slots, a refill group at a time.
+      # The next prompts go into the first free slots, whole refill groups at a time (a last,
+      # smaller group waits for the next exit, where refill_at = the prompts left).
       free = np.flatnonzero(done)
-      n_new = min(len(free) // refill_at * refill_at, b - started)
+      n_new = min(len(free), b - started) // refill_at * refill_at
       for first in range(0, n_new, refill_at):
         new = start_rows(started, refill_at)
         state = put_rows(state, new, jnp.asarray(free[first:first + refill_at], jnp.int32))

@@ -1,5 +1,7 @@
 """The fused rollout against independent references: full-forward decoding and numpy signals."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -398,3 +400,21 @@ def test_slot_refill_draws_the_same_rollouts(models):
   # Each rollout occupied its slot for the windows it generated in.
   windows = -(-np.asarray(got.length_B) // 4)
   np.testing.assert_array_equal(np.asarray(sched.end) - sched.begin, windows[sched.row])
+
+
+def test_refill_groups_never_start_more_rollouts_than_remain(models):
+  """No EOS (every row runs to max length, so all 4 slots free at once), refill groups of 2,
+  7 rollouts: the 3 left after the first 4 go in as a group of 2, then one of 1 -- never a
+  group reaching past the last rollout."""
+  s, t = models
+  prompts = PROMPTS[:7]
+  p, start = _prompts(prompts)
+  cfg = rollout.RolloutConfig(max_new_tokens=8, eos_ids=(VOCAB,), pad_id=PAD, vocab_size=VOCAB,
+                              kat=kat.KATConfig(mode="none", window=4), compact_multiple=2)
+  ref = jax.device_get(rollout.rollout(s, t, p, start, jax.random.key(4), cfg))
+  sched = rollout.Schedule()
+  got = jax.device_get(rollout.rollout(s, t, p, start, jax.random.key(4),
+                                       dataclasses.replace(cfg, slots=4), schedule=sched))
+  assert sorted(sched.row) == list(range(7))
+  np.testing.assert_array_equal(got.tokens_BxT, ref.tokens_BxT)
+  np.testing.assert_array_equal(got.length_B, np.full(7, 8))
