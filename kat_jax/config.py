@@ -58,6 +58,8 @@ def defaults() -> ml_collections.ConfigDict:
   # The sections below take their defaults from the dataclasses the run builds from them (one
   # source: `_section`); only the config-level fields are written here.
   c.sampling = _section(rollout.SamplingConfig)
+  # mode: the truncation policy -- none | kat | fixed (ESR) | horizon (TOPD / POPD) | topk
+  # (Prune-OPD) | iw (IW-OPD weights) | random; each one's knobs and source: kat_jax/kat.py.
   # cut: onset | detection | onset_floor (onset, never before min_len); see kat_jax/kat.py.
   # spike_tau / random_lengths: inputs of the rollout (the spike gate's threshold, the lengths
   # the random-truncation ablation draws from), not of the detector's static config.
@@ -331,6 +333,9 @@ def _check_models(config, shape) -> None:
     if vocab is not None:
       rollout.check_top_k(rollout.SamplingConfig(**config.sampling), vocab, "sampling")
       rollout.check_top_k(rollout.SamplingConfig(top_k=config.eval.top_k), vocab, "eval")
+      if config.kat.mode == "topk" and config.kat.topk_k > vocab:
+        _fail("kat.topk_k", config.kat.topk_k, f"exceeds the {vocab}-token vocabulary; the "
+              "overlap of two top-k sets needs k below it (Prune-OPD uses 16).")
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
   roles = ("student",) if config.mode == "eval" else ("student", "teacher")
@@ -378,9 +383,7 @@ def rollout_config(config, eos_ids, pad_id, vocab_size) -> rollout.RolloutConfig
   return rollout.RolloutConfig(
       max_new_tokens=config.max_new_tokens, eos_ids=tuple(eos_ids), pad_id=pad_id,
       vocab_size=vocab_size, sampling=rollout.SamplingConfig(**config.sampling),
-      kat=kat.KATConfig(mode=k.mode, signal=k.signal, window=k.window, patience=k.patience,
-                        min_len=k.min_len, cut=k.cut, spike_gate=k.spike_gate,
-                        fixed_len=k.fixed_len),
+      kat=kat.KATConfig(**{f.name: k[f.name] for f in dataclasses.fields(kat.KATConfig)}),
       rescore_student=config.rescore_student, compact_multiple=config.compact_multiple,
       slots=config.rollout.slots, length_bucket=config.rollout.length_bucket)
 

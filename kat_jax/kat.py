@@ -21,14 +21,37 @@ that is often negative on healthy tokens (the teacher more confident than the st
 windows mostly hit correct rollouts (measured on the arithmetic task: docs/results.md, the
 detector table's `logratio` rows).
 
-Ablations through the same config: mode `none` (vanilla OPD), `fixed` (truncate every rollout at
-`fixed_len` tokens, as in Early Stopping Rollout), and post-hoc `random_truncation` to a given length
-distribution (rows run to the end; only the loss is cut).
+Truncation policies (`mode`), one switch each, the same rollout and the same loss otherwise; the
+rivals' definitions as published (docs/results.md, "The policies", cites what was read where):
+  * `none` -- vanilla OPD: every token trained with weight 1.
+  * `kat` -- the rule above (plain; `spike_gate`; `cut='onset_floor'` keeps the first min_len).
+  * `fixed` -- ESR (arXiv 2605.27028): generation stops after `fixed_len` tokens (paper: N = 100).
+  * `horizon` -- TOPD / POPD (arXiv 2605.31490): generation stops at a horizon H_k of training
+    step k, H_k = min(max_new_tokens, horizon_start + horizon_step * floor(k / horizon_every)).
+    horizon_step = 0 is TOPD (a fixed fraction of the budget, 0.10-0.25 there); > 0 is POPD's
+    growing horizon (its H0, dH, dk are not public: knobs). The horizon reaches the rollout as its
+    traced threshold input (the `tau` argument), so a schedule never recompiles.
+  * `topk` -- Prune-OPD (arXiv 2605.07804, the authors' verl code): per token, the share of the
+    student's top-`topk_k` tokens that are in the teacher's top-k; a token with share <
+    `topk_threshold` is a drift event; token t's loss weight is clip(1 - topk_drop * (drift
+    events up to and including t), 0, 1) + topk_base. With topk_base = 0 (default) the weight
+    reaches 0 at the ceil(1 / topk_drop)-th event: the loss is cut there and the row's generation
+    stops at the end of that window (truncation); topk_base > 0 (the authors' scripts: 0.5)
+    only re-weights. Their batch-level response-length controller is not implemented.
+  * `iw` -- IW-OPD (arXiv 2606.22600, as TRL's experimental trainer computes it): no cut; token t's
+    loss weight is 1 + iw_gamma * (1 - S_{<t} / S), S_{<t} the sum of |log p_s - log p_t| over the
+    row's earlier trained tokens and S over all of them: early and pre-discrepancy tokens count
+    up to 1 + gamma, the tail down to 1.
+  * `random` -- the rows run to the end; the loss is cut post hoc at lengths drawn from a given
+    distribution (e.g. KAT's trained lengths): where KAT cuts, without looking at the content.
+Weights multiply the per-token loss; the loss still divides by the number of trained tokens (as
+TRL and verl do), so a weighted policy also changes the step's effective learning rate.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.struct
 import jax
@@ -37,7 +60,7 @@ import numpy as np
 
 from kat_jax.errors import ConfigError
 
-MODES = ("none", "kat", "fixed", "random")
+MODES = ("none", "kat", "fixed", "horizon", "topk", "iw", "random")
 SIGNALS = ("kl", "logratio")
 CUTS = ("onset", "detection", "onset_floor")
 
@@ -45,7 +68,7 @@ CUTS = ("onset", "detection", "onset_floor")
 @dataclasses.dataclass(frozen=True)
 class KATConfig:
   """Static detector settings (tau and spike_tau are traced inputs, so changing them never recompiles)."""
-  mode: str = "kat"  # none | kat | fixed | random (random: loop runs as `none`, cut post hoc)
+  mode: str = "kat"  # none | kat | fixed | horizon | topk | iw | random (see the docstring)
   signal: str = "kl"  # kl | logratio
   window: int = 32  # W: tokens per window; also the teacher's chunk length in the rollout
   patience: int = 4  # K consecutive low windows
@@ -53,6 +76,16 @@ class KATConfig:
   cut: str = "onset"  # onset | detection | onset_floor (onset, never before min_len)
   spike_gate: bool = False
   fixed_len: int = 0  # mode=fixed: truncation length N
+  # mode=horizon: H_k = min(max_new_tokens, start + step * (k // every)); step 0 = TOPD.
+  horizon_start: int = 0
+  horizon_step: int = 0
+  horizon_every: int = 1
+  # mode=topk (Prune-OPD; the authors' scripts: k 16, threshold 0.7, drop 0.01, base 0.5).
+  topk_k: int = 16
+  topk_threshold: float = 0.7
+  topk_drop: float = 0.01
+  topk_base: float = 0.0
+  iw_gamma: float = 0.5  # mode=iw (TRL's default)
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -66,6 +99,33 @@ class KATConfig:
                         f"kat.min_len={self.min_len} >= 0.")
     if self.mode == "fixed" and self.fixed_len < 1:
       raise ConfigError(f"kat.mode='fixed' needs kat.fixed_len >= 1 (got {self.fixed_len}).")
+    if self.mode == "horizon" and (self.horizon_start < 1 or self.horizon_step < 0
+                                   or self.horizon_every < 1):
+      raise ConfigError(
+          f"kat.mode='horizon' needs kat.horizon_start >= 1 (got {self.horizon_start}), "
+          f"kat.horizon_step >= 0 (got {self.horizon_step}) and kat.horizon_every >= 1 (got "
+          f"{self.horizon_every}); e.g. horizon_start = max_new_tokens // 4 for TOPD.")
+    if self.mode == "topk" and not (self.topk_k >= 1 and 0 < self.topk_threshold <= 1
+                                    and self.topk_drop >= 0 and self.topk_base >= 0):
+      raise ConfigError(
+          f"kat.mode='topk' needs kat.topk_k >= 1 (got {self.topk_k}), 0 < kat.topk_threshold <= "
+          f"1 (got {self.topk_threshold}), kat.topk_drop >= 0 (got {self.topk_drop}) and "
+          f"kat.topk_base >= 0 (got {self.topk_base}); the authors use 16, 0.7, 0.01, 0.5.")
+    if self.iw_gamma < 0:
+      raise ConfigError(f"kat.iw_gamma={self.iw_gamma} must be >= 0 (TRL's default: 0.5).")
+
+  @property
+  def stop_events(self) -> int:
+    """mode=topk: the drift event at which the weight reaches 0 (and the row is cut); 0 = never."""
+    if self.mode != "topk" or self.topk_base > 0 or self.topk_drop <= 0:
+      return 0
+    # round() first: 1 / 0.01 is 100.00000000000001 in floating point.
+    return math.ceil(round(1.0 / self.topk_drop, 9))
+
+
+def horizon_at(step, cfg: KATConfig, max_new_tokens: int) -> int:
+  """mode=horizon: the horizon of training step `step` (0-based)."""
+  return min(max_new_tokens, cfg.horizon_start + cfg.horizon_step * (step // cfg.horizon_every))
 
 
 @flax.struct.dataclass
@@ -99,15 +159,30 @@ def window_update(state: KATState, signal_BxW, length_B, eos_B, start, tau, spik
   """
   w = cfg.window
   end = start + w
-  if cfg.mode == "fixed":
+  if cfg.mode in ("fixed", "horizon"):
     # Truncated iff the row has produced a token past N; decided at window granularity.
-    fire = (length_B > cfg.fixed_len) & ~state.terminated_B
-    onset = jnp.full_like(state.onset_B, cfg.fixed_len)
+    limit = cfg.fixed_len if cfg.mode == "fixed" else jnp.asarray(tau).astype(jnp.int32)
+    fire = (length_B > limit) & ~state.terminated_B
+    onset = jnp.full_like(state.onset_B, limit)
     return state.replace(
         terminated_B=state.terminated_B | fire,
         detect_B=jnp.where(fire, end, state.detect_B),
         onset_B=jnp.where(fire, onset, state.onset_B)), fire
-  if cfg.mode in ("none", "random"):
+  if cfg.mode == "topk":
+    # signal = top-k overlap; low_run_B counts the row's drift events so far.
+    valid_BxW = jnp.reshape(start, (-1, 1)) + jnp.arange(w)[None, :] < length_B[:, None]
+    drift_BxW = valid_BxW & (signal_BxW < cfg.topk_threshold)
+    count_BxW = state.low_run_B[:, None] + jnp.cumsum(drift_BxW.astype(jnp.int32), axis=-1)
+    n = cfg.stop_events
+    fire = (count_BxW[:, -1] >= n) & ~state.terminated_B if n else jnp.zeros_like(
+        state.terminated_B)
+    # The n-th event's token has weight 0: the loss keeps the tokens before it.
+    at_B = jnp.argmax(count_BxW >= n, axis=-1)
+    return state.replace(
+        low_run_B=count_BxW[:, -1], terminated_B=state.terminated_B | fire,
+        detect_B=jnp.where(fire, end, state.detect_B),
+        onset_B=jnp.where(fire, jnp.reshape(start, (-1,)) + at_B, state.onset_B)), fire
+  if cfg.mode in ("none", "random", "iw"):
     return state, jnp.zeros_like(state.terminated_B)
 
   signal_BxW = signal_BxW.astype(jnp.float32)
@@ -138,6 +213,32 @@ def trained_length(state: KATState, length_B, cfg: KATConfig):
   return jnp.where(state.terminated_B, jnp.minimum(length_B, cut), length_B)
 
 
+def topk_overlap(s_logits_BxWxV, t_logits_BxWxV, k: int):
+  """Prune-OPD's drift signal: the share of the student's top-k tokens in the teacher's top-k."""
+  _, s_ids = jax.lax.top_k(s_logits_BxWxV, k)
+  _, t_ids = jax.lax.top_k(t_logits_BxWxV, k)
+  hit = jnp.any(s_ids[..., :, None] == t_ids[..., None, :], axis=-1)
+  return jnp.mean(hit.astype(jnp.float32), axis=-1)
+
+
+def loss_weights(mask_BxT, logratio_BxT, overlap_BxT, cfg: KATConfig):
+  """Per-token loss weights (1 outside `iw` / `topk`; 0 outside the mask).
+
+  logratio: log p_s(y) - log p_t(y) of the sampled tokens (iw); overlap: `topk_overlap` (topk).
+  """
+  mask = mask_BxT.astype(jnp.float32)
+  if cfg.mode == "iw":
+    a_BxT = jnp.abs(logratio_BxT.astype(jnp.float32)) * mask
+    before_BxT = jnp.cumsum(a_BxT, axis=-1) - a_BxT  # exclusive: the discrepancy so far
+    total_B = jnp.maximum(jnp.sum(a_BxT, axis=-1, keepdims=True), 1e-8)
+    return (1.0 + cfg.iw_gamma * (1.0 - before_BxT / total_B)) * mask
+  if cfg.mode == "topk":
+    drift_BxT = (overlap_BxT < cfg.topk_threshold) & mask_BxT
+    events_BxT = jnp.cumsum(drift_BxT.astype(jnp.float32), axis=-1)  # inclusive
+    return (jnp.clip(1.0 - cfg.topk_drop * events_BxT, 0.0, 1.0) + cfg.topk_base) * mask
+  return mask
+
+
 def random_truncation(key, length_B, target_lengths_N):
   """Ablation: cut each row at a length drawn from an empirical distribution (e.g. KAT's trained
   lengths), independent of its content. Returns (trained_len_B, truncated_B)."""
@@ -162,11 +263,20 @@ def detect_offline(signal_BxT, length_B, eos_B, tau: float, spike_tau: float,
              onset=np.full(b, -1, np.int32), trained_len=np.asarray(length_B, np.int32).copy())
   for r in range(b):
     length, eos = int(length_B[r]), bool(eos_B[r])
-    if cfg.mode == "fixed":
-      if length > cfg.fixed_len:
-        end = -(-(cfg.fixed_len + 1) // w) * w  # first window end past N
-        out["terminated"][r], out["detect"][r], out["onset"][r] = True, end, cfg.fixed_len
-        out["trained_len"][r] = cfg.fixed_len
+    if cfg.mode in ("fixed", "horizon"):
+      limit = cfg.fixed_len if cfg.mode == "fixed" else int(tau)
+      if length > limit:
+        end = -(-(limit + 1) // w) * w  # first window end past N
+        out["terminated"][r], out["detect"][r], out["onset"][r] = True, end, limit
+        out["trained_len"][r] = limit
+      continue
+    if cfg.mode == "topk":
+      events = np.flatnonzero(signal_BxT[r, :length] < cfg.topk_threshold)
+      n = cfg.stop_events
+      if n and len(events) >= n:
+        at = int(events[n - 1])
+        out["terminated"][r], out["detect"][r], out["onset"][r] = True, (at // w + 1) * w, at
+        out["trained_len"][r] = at
       continue
     if cfg.mode != "kat":
       continue

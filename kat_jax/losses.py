@@ -99,8 +99,11 @@ def masked_mean(loss_BxT, mask_BxT, num_tokens=None):
 def opd_loss(objective: str, student_logits_BxTxV, mask_BxT, *, tokens_BxT=None,
              logp_student_BxT=None, logp_teacher_BxT=None, logp_behavior_BxT=None,
              teacher_logits_BxTxV=None, beta: float = 0.5, temperature: float = 1.0,
-             ratio_clip: float = 0.0, num_tokens=None):
-  """One entry point: the objective's per-token loss, masked and normalised. Returns a scalar."""
+             ratio_clip: float = 0.0, num_tokens=None, weight_BxT=None):
+  """One entry point: the objective's per-token loss, masked and normalised. Returns a scalar.
+
+  weight_BxT: per-token loss weights (a truncation policy's, kat.loss_weights); the normaliser
+  stays the number of trained tokens, not the weights' sum."""
   if objective == "sampled_pg":
     per_token = sampled_pg(student_logits_BxTxV, tokens_BxT, logp_student_BxT, logp_teacher_BxT,
                            logp_behavior_BxT, mask_BxT, temperature, ratio_clip)
@@ -112,6 +115,8 @@ def opd_loss(objective: str, student_logits_BxTxV, mask_BxT, *, tokens_BxT=None,
     per_token = jsd(student_logits_BxTxV, teacher_logits_BxTxV, beta, temperature)
   else:
     raise ValueError(f"objective={objective!r}; use one of {OBJECTIVES}.")
+  if weight_BxT is not None:
+    per_token = per_token * jax.lax.stop_gradient(weight_BxT)
   # Zero masked positions before the sum so a non-finite value there cannot poison the gradient.
   per_token = jnp.where(mask_BxT, per_token, 0.0)
   return masked_mean(per_token, mask_BxT, num_tokens)

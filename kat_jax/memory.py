@@ -165,9 +165,10 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
     items[f"{name} kv cache"] = (c.num_layers * 2 * b_r * _split(c.num_kv_heads, r_shape[2])
                                  * s_len * c.head_dim * compute_bytes)
   v_r = _split(vocab, r_shape[2])
-  items["rollout buffers"] = b_r * (6 * t * 4 + 2 * v_r * 4 + 6 * window * v_r * 4)
+  # Per token: tokens, three log-probs, KL, top-k overlap, and the windows' statistics.
+  items["rollout buffers"] = b_r * (7 * t * 4 + 2 * v_r * 4 + 6 * window * v_r * 4)
   if slots and slots < batch:  # the parked results of every rollout of the step
-    items["rollout buffers"] += batch / (r_shape[0] * r_shape[1]) * 6 * t * 4
+    items["rollout buffers"] += batch / (r_shape[0] * r_shape[1]) * 7 * t * 4
   v = _split(vocab, tensor)
   c = student
   h, i, e = _split(c.num_heads, tensor), _split(c.intermediate_size, tensor), c.hidden_size
@@ -198,7 +199,7 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
     if objective != "sampled_pg":  # the teacher's scoring forward stacks its blocks too
       items["stacked layers (scan)"] += param_bytes(teacher, r_shape, param_bytes_t, r_rules,
                                                     layers_only=True)
-  batch_in = b * (prompt_len + 8 * t) * 4  # prompts and the rollout's per-token outputs
+  batch_in = b * (prompt_len + 10 * t) * 4  # prompts and the rollout's per-token outputs
   resident = items["student params"] + items["teacher params"] + items["optimizer (AdamW)"]
   rollout_phase = (items["student kv cache"] + items["teacher kv cache"] + items["rollout buffers"]
                    + items.get("student params (rollout copy)", 0.0))

@@ -32,11 +32,13 @@ def step_record(res, m: dict, tau: float, max_new_tokens: int, step_time: float
              trap_rate=float(res.terminated_B.mean()), loop_rate=float((loop_B >= 0).mean()),
              gen_len=float(res.length_B.mean()),
              trained_len=float(res.trained_len_B.mean()),
+             trained_weight=float(res.loss_weight_BxT.sum(1).mean()),
              tokens_saved_frac=saved / max(gen + saved, 1), tau=tau,
              tau_probe=m["tau_probe"], tau_rejected=m["tau_rejected"],
              tau_imputed=m["tau_imputed"],
              tokens_per_s=gen / step_time, step_time=step_time)
-  counts = dict(generated=gen, trained=int(res.trained_len_B.sum()), rows=len(res.length_B),
+  counts = dict(generated=gen, trained=int(res.trained_len_B.sum()),
+                trained_weight=float(res.loss_weight_BxT.sum()), rows=len(res.length_B),
                 terminated=int(res.terminated_B.sum()), saved=saved,
                 looped=int((loop_B >= 0).sum()))
   return rec, counts, loop_B
@@ -79,6 +81,7 @@ class Totals:
   """Token and row counts summed over the steps of this process's run."""
   generated: int = 0
   trained: int = 0
+  trained_weight: float = 0.0  # the loss weights' sum (= trained tokens without a weighting policy)
   rows: int = 0
   terminated: int = 0
   saved: int = 0
@@ -96,6 +99,7 @@ class Totals:
         steps=steps, k=k, avg_before=macro(before, "avg"), avg_after=macro(after, "avg"),
         pass_before=macro(before, "pass"), pass_after=macro(after, "pass"),
         mean_rollout_length=self.generated / rows, mean_trained_length=self.trained / rows,
+        mean_trained_weight=self.trained_weight / rows,
         trap_rate=self.terminated / rows, loop_rate=self.looped / rows,
         loop_before=mean_loop_rate(before), loop_after=mean_loop_rate(after),
         tokens_saved_frac=self.saved / max(self.generated + self.saved, 1))

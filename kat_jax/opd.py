@@ -213,7 +213,7 @@ def resolve_microbatches(requested: int, batch: int, seq_len: int, batch_shards:
 
 
 _PER_TOKEN = ("tokens_BxT", "logp_student_BxT", "logp_teacher_BxT", "logp_behavior_BxT", "kl_BxT",
-              "loss_mask_BxT")
+              "overlap_BxT", "loss_mask_BxT", "loss_weight_BxT")
 
 
 def trim(result: RolloutResult, window: int, chunk: int = 0) -> RolloutResult:
@@ -261,10 +261,10 @@ def _loss(s_params, s_graph, t_model, prompt_BxP, start_B, result: RolloutResult
   t_hidden = None
   if cfg.objective != "sampled_pg":
     t_hidden = jax.lax.stop_gradient(t_model.hidden(seq, attn)[:, p - 1:-1])
-  per_token = (result.loss_mask_BxT, result.tokens_BxT, result.logp_student_BxT,
-               result.logp_teacher_BxT, result.logp_behavior_BxT)
+  per_token = (result.loss_mask_BxT, result.loss_weight_BxT, result.tokens_BxT,
+               result.logp_student_BxT, result.logp_teacher_BxT, result.logp_behavior_BxT)
 
-  def head_loss(s_params, s_hidden, t_hidden, mask, tokens, lp_s, lp_t, lp_b):
+  def head_loss(s_params, s_hidden, t_hidden, mask, weight, tokens, lp_s, lp_t, lp_b):
     s_logits = nnx.merge(s_graph, s_params).logits(s_hidden)[..., :v]
     t_logits = None if t_hidden is None else jax.lax.stop_gradient(
         t_model.logits(t_hidden)[..., :v])
@@ -272,7 +272,7 @@ def _loss(s_params, s_graph, t_model, prompt_BxP, start_B, result: RolloutResult
                            logp_teacher_BxT=lp_t, logp_behavior_BxT=lp_b,
                            teacher_logits_BxTxV=t_logits, beta=cfg.beta,
                            temperature=cfg.temperature, ratio_clip=cfg.ratio_clip,
-                           num_tokens=num_tokens)
+                           num_tokens=num_tokens, weight_BxT=weight)
 
   t = s_hidden.shape[1]
   c = cfg.chunk

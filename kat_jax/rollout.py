@@ -129,6 +129,7 @@ class RolloutState:
   logp_teacher_BxT: jax.Array
   logp_behavior_BxT: jax.Array
   kl_BxT: jax.Array
+  overlap_BxT: jax.Array  # kat.mode='topk': top-k overlap per token (else never written, zeros)
   window_mean_BxN: jax.Array  # per-window mean of the KAT signal (adaptive threshold input)
   window_complete_BxN: jax.Array
   s_cache: KVCache
@@ -144,7 +145,7 @@ class RolloutState:
   step_B: jax.Array  # int32: the row's token clock, windows entered x W (frozen once done)
   clock: jax.Array  # int32 []: windows run by this rollout so far (the schedule's time axis)
   key: jax.Array
-  tau: jax.Array
+  tau: jax.Array  # the policy's traced threshold: KAT's tau; mode='horizon': the horizon
   spike_tau: jax.Array
 
 
@@ -158,11 +159,13 @@ class RolloutResult:
   logp_teacher_BxT: jax.Array
   logp_behavior_BxT: jax.Array  # log-prob under the actual sampling distribution
   kl_BxT: jax.Array  # full-vocabulary KL(p_student || p_teacher) at each position
+  overlap_BxT: jax.Array  # kat.mode='topk': the student's top-k share in the teacher's top-k
   terminated_B: jax.Array  # cut by KAT (or truncated in the fixed / random ablations)
   detect_B: jax.Array
   onset_B: jax.Array
   trained_len_B: jax.Array  # the loss keeps tokens [0, trained_len)
   loss_mask_BxT: jax.Array
+  loss_weight_BxT: jax.Array  # float32 per-token loss weight (kat.loss_weights): 0 off the mask
   window_mean_BxN: jax.Array
   window_complete_BxN: jax.Array
   probe_B: jax.Array  # KAT's cut applies to the loss only: the row was generated to its end
@@ -260,6 +263,7 @@ def prefill(s_graph, s_params, t_graph, t_params, prompt_BxP, start_B, probe_B, 
   return RolloutState(
       tokens_BxT=jnp.full((b, t), cfg.pad_id, jnp.int32),
       logp_student_BxT=f32(), logp_teacher_BxT=f32(), logp_behavior_BxT=f32(), kl_BxT=f32(),
+      overlap_BxT=f32(),
       window_mean_BxN=jnp.zeros((b, n_windows), jnp.float32),
       window_complete_BxN=jnp.zeros((b, n_windows), jnp.bool_),
       s_cache=s_cache, t_cache=t_cache, s_next_BxV=s_next, t_next_BxV=t_next,
@@ -339,6 +343,10 @@ def window_step(student: Transformer, teacher: Transformer, state: RolloutState,
   lp_s, lp_t = zero(pick(s_logp)), zero(pick(t_logp))
   kl_BxW = zero(jnp.sum(jnp.exp(s_logp) * (s_logp - t_logp), axis=-1))
   signal_BxW = kl_BxW if cfg.kat.signal == "kl" else lp_s - lp_t
+  overlap_BxW = None
+  if cfg.kat.mode == "topk":
+    overlap_BxW = zero(kat_lib.topk_overlap(s_dist_BxWxV, t_dist_BxWxV, cfg.kat.topk_k))
+    signal_BxW = overlap_BxW
 
   kat_state, fire_B = kat_lib.window_update(state.kat, signal_BxW, length_B, eos_B, start_B,
                                             state.tau, state.spike_tau, cfg.kat)
@@ -360,6 +368,8 @@ def window_step(student: Transformer, teacher: Transformer, state: RolloutState,
       logp_teacher_BxT=write(state.logp_teacher_BxT, lp_t),
       logp_behavior_BxT=write(state.logp_behavior_BxT, zero(logp_b_WxB.T)),
       kl_BxT=write(state.kl_BxT, kl_BxW),
+      overlap_BxT=(state.overlap_BxT if overlap_BxW is None
+                   else write(state.overlap_BxT, overlap_BxW)),
       window_mean_BxN=write(state.window_mean_BxN, jnp.sum(signal_BxW, -1) / w, win_B),
       window_complete_BxN=write(state.window_complete_BxN,
                                 kat_lib.window_complete(length_B, eos_B, start_B + w), win_B),
@@ -392,7 +402,7 @@ def decode_loop(s_graph, s_params, t_graph, t_params, state: RolloutState, min_l
 
 
 ROW_FIELDS = ("tokens_BxT", "logp_student_BxT", "logp_teacher_BxT", "logp_behavior_BxT",
-              "kl_BxT", "window_mean_BxN", "window_complete_BxN", "length_B", "eos_B")
+              "kl_BxT", "overlap_BxT", "window_mean_BxN", "window_complete_BxN", "length_B", "eos_B")
 _SHARED = ("clock", "key", "tau", "spike_tau")  # the state's scalars: not per row
 
 
@@ -613,13 +623,17 @@ def finalize(rows: dict, kat_state: kat_lib.KATState, probe_B, *, cfg: RolloutCo
   """The per-row buffers and KAT state as the RolloutResult the update trains on."""
   trained = kat_lib.trained_length(kat_state, rows["length_B"], cfg.kat)
   t = rows["tokens_BxT"].shape[1]
+  mask_BxT = jnp.arange(t)[None, :] < trained[:, None]
   return RolloutResult(
       tokens_BxT=rows["tokens_BxT"], length_B=rows["length_B"], eos_B=rows["eos_B"],
       logp_student_BxT=rows["logp_student_BxT"], logp_teacher_BxT=rows["logp_teacher_BxT"],
       logp_behavior_BxT=rows["logp_behavior_BxT"], kl_BxT=rows["kl_BxT"],
+      overlap_BxT=rows["overlap_BxT"],
       terminated_B=kat_state.terminated_B, detect_B=kat_state.detect_B,
-      onset_B=kat_state.onset_B, trained_len_B=trained,
-      loss_mask_BxT=jnp.arange(t)[None, :] < trained[:, None],
+      onset_B=kat_state.onset_B, trained_len_B=trained, loss_mask_BxT=mask_BxT,
+      loss_weight_BxT=kat_lib.loss_weights(
+          mask_BxT, rows["logp_student_BxT"] - rows["logp_teacher_BxT"], rows["overlap_BxT"],
+          cfg.kat),
       window_mean_BxN=rows["window_mean_BxN"], window_complete_BxN=rows["window_complete_BxN"],
       probe_B=probe_B)
 
@@ -682,5 +696,6 @@ def apply_random_truncation(result: RolloutResult, key, target_lengths_N) -> Rol
   """The random-truncation ablation: cut the loss of uncut rollouts at matched random lengths."""
   trained, cut = kat_lib.random_truncation(key, result.length_B, jnp.asarray(target_lengths_N))
   t = result.tokens_BxT.shape[1]
-  return result.replace(trained_len_B=trained, terminated_B=cut,
-                        loss_mask_BxT=jnp.arange(t)[None, :] < trained[:, None])
+  mask_BxT = jnp.arange(t)[None, :] < trained[:, None]
+  return result.replace(trained_len_B=trained, terminated_B=cut, loss_mask_BxT=mask_BxT,
+                        loss_weight_BxT=mask_BxT.astype(jnp.float32))

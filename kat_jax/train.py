@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from kat_jax import evaluate as evaluate_lib
-from kat_jax import aot, hf, memory, metrics, opd, rollout, sharding, threshold
+from kat_jax import aot, hf, kat, memory, metrics, opd, rollout, sharding, threshold
 from kat_jax import report as dashboard
 from kat_jax.config import eval_config, loss_config, rollout_config, threshold_config
 from kat_jax.data import benchmarks as bench_lib
@@ -294,7 +294,10 @@ def train_step(run: Run, state: TrainState, step: int, key):
   problems = run.source.batch(step * config.prompts_per_step, config.prompts_per_step)
   rows = [pa for pa in problems for _ in range(config.samples_per_prompt)]
   prompt, start = _encode(run, [p for p, _ in rows])
-  tau = threshold.tau(state.th_state, step, run.threshold_cfg)
+  if config.kat.mode == "horizon":  # TOPD / POPD: the step's horizon is the traced threshold
+    tau = jnp.float32(kat.horizon_at(step, run.rollout_cfg.kat, config.max_new_tokens))
+  else:
+    tau = threshold.tau(state.th_state, step, run.threshold_cfg)
   s_graph, s_now = nnx.split(run.student, nnx.Param)
   t_graph, t_params = nnx.split(run.teacher)
   # Rollouts KAT never stops, so the adaptive tau sees uncensored windows (kat_jax/threshold.py).

@@ -1,5 +1,6 @@
 """The KAT detector: in-loop window updates vs the offline numpy reference and hand-built traces."""
 
+import dataclasses
 import functools
 
 import jax
@@ -114,10 +115,13 @@ def test_fixed_length_truncation():
 def test_in_loop_equals_offline_on_random_signals(data):
   w = data.draw(st.sampled_from([1, 2, 4]))
   cfg = kat.KATConfig(
-      mode=data.draw(st.sampled_from(["kat", "kat", "fixed", "none"])),
+      mode=data.draw(st.sampled_from(["kat", "kat", "fixed", "none", "horizon", "topk", "iw"])),
       window=w, patience=data.draw(st.integers(1, 4)), min_len=data.draw(st.integers(0, 12)),
       cut=data.draw(st.sampled_from(["onset", "detection", "onset_floor"])),
-      spike_gate=data.draw(st.booleans()), fixed_len=data.draw(st.integers(1, 24)))
+      spike_gate=data.draw(st.booleans()), fixed_len=data.draw(st.integers(1, 24)),
+      horizon_start=1, topk_threshold=data.draw(st.sampled_from([0.3125, 0.5625, 1.0])),
+      topk_drop=data.draw(st.sampled_from([0.0, 0.2, 0.25, 0.5, 1.0])),
+      topk_base=data.draw(st.sampled_from([0.0, 0.0, 0.5])))
   b, t = 5, 24
   # Multiples of 1/8 keep every window sum exact, so jnp and numpy agree on each comparison.
   levels = data.draw(st.lists(st.integers(0, 16), min_size=b * t, max_size=b * t))
@@ -125,7 +129,99 @@ def test_in_loop_equals_offline_on_random_signals(data):
   length = np.asarray(data.draw(st.lists(st.integers(1, t), min_size=b, max_size=b)), np.int32)
   eos = np.asarray(data.draw(st.lists(st.booleans(), min_size=b, max_size=b)))
   tau = data.draw(st.sampled_from([0.3125, 0.5625, 1.0625]))
+  if cfg.mode == "horizon":
+    tau = float(data.draw(st.integers(1, 24)))  # the horizon reaches the rollout as its tau
   _compare(signal, length, eos, tau, 1.4375, cfg)
+
+
+def test_horizon_is_fixed_truncation_at_the_steps_horizon():
+  """TOPD / POPD: the horizon of step k cuts exactly as ESR's fixed length would."""
+  cfg = kat.KATConfig(mode="horizon", window=4, horizon_start=6, horizon_step=4, horizon_every=3)
+  assert [kat.horizon_at(k, cfg, 20) for k in range(0, 16, 3)] == [6, 10, 14, 18, 20, 20]
+  signal = np.zeros((3, 24), np.float32)
+  length, eos = np.array([24, 10, 11]), np.array([False, True, True])
+  for step in (0, 3, 9):
+    h = kat.horizon_at(step, cfg, 24)
+    got = _compare(signal, length, eos, float(h), np.inf, cfg)
+    want = kat.detect_offline(signal, length, eos, 0.0, np.inf,
+                              kat.KATConfig(mode="fixed", window=4, fixed_len=h))
+    for field in ("terminated", "detect", "onset", "trained_len"):
+      np.testing.assert_array_equal(got[field], want[field], err_msg=f"{field} at step {step}")
+
+
+def test_topk_drift_cut_lands_on_the_event_whose_weight_is_zero():
+  # drop 0.25: the 4th drift event (overlap < 0.7) has weight 1 - 4 * 0.25 = 0 -> cut there.
+  cfg = kat.KATConfig(mode="topk", window=4, topk_threshold=0.7, topk_drop=0.25)
+  assert cfg.stop_events == 4 and kat.KATConfig(mode="topk", topk_drop=0.01).stop_events == 100
+  overlap = np.ones((3, 16), np.float32)
+  overlap[0, [1, 5, 6, 9, 12]] = 0.5  # 4th event at token 9 -> stop after window [8, 12)
+  overlap[1, [1, 5, 6]] = 0.0  # 3 events only
+  overlap[2, [1, 5, 6, 9]] = 0.5  # but the row ends (EOS) at 9 tokens: token 9 never exists
+  ref = _compare(overlap, np.array([16, 16, 9]), np.array([False, False, True]), 0.0, np.inf,
+                 cfg)
+  assert ref["terminated"].tolist() == [True, False, False]
+  assert ref["onset"].tolist() == [9, -1, -1] and ref["detect"].tolist() == [12, -1, -1]
+  assert ref["trained_len"].tolist() == [9, 16, 9]
+  # topk_base > 0 only re-weights: nothing is cut.
+  soft = dataclasses.replace(cfg, topk_base=0.5)
+  assert soft.stop_events == 0
+  assert not _compare(overlap, np.array([16, 16, 9]), np.array([False] * 3), 0.0, np.inf,
+                      soft)["terminated"].any()
+
+
+def _weights_reference(mask, logratio, overlap, cfg):
+  """loss_weights by the papers' formulas, one token at a time."""
+  b, t = mask.shape
+  out = np.zeros((b, t))
+  for r in range(b):
+    a = [abs(float(logratio[r, i])) if mask[r, i] else 0.0 for i in range(t)]
+    total = max(sum(a), 1e-8)
+    events = 0
+    for i in range(t):
+      if not mask[r, i]:
+        continue
+      if cfg.mode == "iw":  # TRL: 1 + gamma * (1 - S_prev / S_total), S_prev exclusive
+        out[r, i] = 1 + cfg.iw_gamma * (1 - sum(a[:i]) / total)
+      elif cfg.mode == "topk":  # Prune-OPD: clip(1 - drop * inclusive event count) + base
+        events += overlap[r, i] < cfg.topk_threshold
+        out[r, i] = min(max(1 - cfg.topk_drop * events, 0), 1) + cfg.topk_base
+      else:
+        out[r, i] = 1.0
+  return out
+
+
+@pytest.mark.parametrize("mode", ["iw", "topk", "kat", "none"])
+def test_loss_weights_match_the_published_formulas(mode):
+  rng = np.random.default_rng(0)
+  b, t = 4, 12
+  mask = np.arange(t)[None, :] < np.array([12, 7, 0, 1])[:, None]
+  logratio = rng.normal(size=(b, t)).astype(np.float32)
+  overlap = rng.integers(0, 5, size=(b, t)).astype(np.float32) / 4
+  cfg = kat.KATConfig(mode=mode, iw_gamma=0.7, topk_drop=0.3, topk_base=0.25)
+  got = np.asarray(kat.loss_weights(jnp.asarray(mask), jnp.asarray(logratio),
+                                    jnp.asarray(overlap), cfg))
+  np.testing.assert_allclose(got, _weights_reference(mask, logratio, overlap, cfg), rtol=1e-5,
+                             atol=1e-6)
+  if mode == "iw":  # TRL's own test case: a = [.2, -.3, .5], gamma 0.5 -> [1.5, 1.4, 1.25]
+    w = kat.loss_weights(jnp.ones((1, 3), bool), jnp.asarray([[0.2, -0.3, 0.5]]), None,
+                         kat.KATConfig(mode="iw"))
+    np.testing.assert_allclose(np.asarray(w)[0], [1.5, 1.4, 1.25], rtol=1e-6)
+
+
+def test_topk_overlap_is_the_share_of_student_top_k_in_teacher_top_k():
+  rng = np.random.default_rng(1)
+  s = rng.normal(size=(2, 3, 50)).astype(np.float32)
+  t = rng.normal(size=(2, 3, 50)).astype(np.float32)
+  t[0, 0] = s[0, 0]  # identical distributions: overlap 1
+  got = np.asarray(kat.topk_overlap(jnp.asarray(s), jnp.asarray(t), 8))
+  want = np.zeros((2, 3))
+  for i in range(2):
+    for j in range(3):
+      top_s = set(np.argsort(-s[i, j])[:8])
+      top_t = set(np.argsort(-t[i, j])[:8])
+      want[i, j] = len(top_s & top_t) / 8
+  np.testing.assert_allclose(got, want)
+  assert got[0, 0] == 1.0
 
 
 def test_random_truncation_matches_target_distribution():
@@ -143,3 +239,11 @@ def test_bad_config_is_named():
     kat.KATConfig(signal="entropy")
   with pytest.raises(ValueError, match="fixed_len"):
     kat.KATConfig(mode="fixed")
+  with pytest.raises(ValueError, match="kat.horizon_start >= 1"):
+    kat.KATConfig(mode="horizon")
+  with pytest.raises(ValueError, match="kat.topk_threshold"):
+    kat.KATConfig(mode="topk", topk_threshold=1.5)
+  with pytest.raises(ValueError, match="kat.iw_gamma=-1"):
+    kat.KATConfig(mode="iw", iw_gamma=-1)
+  with pytest.raises(ValueError, match="kat.mode='esr'"):
+    kat.KATConfig(mode="esr")

@@ -21,7 +21,7 @@ def _np_kl(lp_a, lp_b):
 
 
 def _np_loss(objective, s_logits, t_logits, tokens, lp_s_roll, lp_t_roll, lp_behavior, mask,
-             beta=0.5, temperature=1.0):
+             beta=0.5, temperature=1.0, weight=None):
   """Float64 reference, written from the formulas (no shared code with kat_jax.losses)."""
   lp_s = _np_logsoftmax(s_logits / temperature)
   lp_t = _np_logsoftmax(t_logits / temperature)
@@ -40,6 +40,8 @@ def _np_loss(objective, s_logits, t_logits, tokens, lp_s_roll, lp_t_roll, lp_beh
   else:
     m = beta * np.exp(lp_t) + (1 - beta) * np.exp(lp_s)
     per = beta * _np_kl(lp_t, np.log(m)) + (1 - beta) * _np_kl(lp_s, np.log(m))
+  if weight is not None:  # a truncation policy's per-token weights; the count stays the normaliser
+    per = per * weight
   return (per * mask).sum() / max(mask.sum(), 1)
 
 
@@ -90,6 +92,36 @@ def test_value_and_gradient_match_numpy(objective, beta, temperature):
                           temperature)) / (2 * eps)
   np.testing.assert_allclose(np.asarray(grad), fd, atol=2e-5)
   assert np.all(np.asarray(grad)[2] == 0), "a row with no trained token gets no gradient"
+
+
+@pytest.mark.parametrize("objective", ["sampled_pg", "reverse_kl"])
+def test_weighted_loss_and_gradient_match_numpy(objective):
+  """Policy weights (IW-OPD, Prune-OPD) scale each token's loss; they are constants."""
+  s, t, tokens, lp_s, lp_t, lp_b, mask = _inputs(1)
+  weight = np.random.RandomState(2).uniform(0.5, 1.5, size=mask.shape) * mask
+  ref = _np_loss(objective, s, t, tokens, lp_s, lp_t, lp_b, mask, weight=weight)
+
+  def loss(x, w):
+    return losses.opd_loss(objective, x, jnp.asarray(mask), tokens_BxT=jnp.asarray(tokens),
+                           logp_student_BxT=jnp.asarray(lp_s, jnp.float32),
+                           logp_teacher_BxT=jnp.asarray(lp_t, jnp.float32),
+                           logp_behavior_BxT=jnp.asarray(lp_b, jnp.float32),
+                           teacher_logits_BxTxV=jnp.asarray(t, jnp.float32), weight_BxT=w)
+  x = jnp.asarray(s, jnp.float32)
+  val, grad = jax.value_and_grad(loss)(x, jnp.asarray(weight, jnp.float32))
+  np.testing.assert_allclose(float(val), ref, rtol=1e-5, atol=1e-6)
+  assert abs(float(val) - float(loss(x, None))) > 1e-3, "the weights should matter here"
+  # Per token, the gradient is the weight times the unweighted token's gradient.
+  for r, c in ((0, 1), (1, 0), (0, 4)):
+    one = np.zeros(mask.shape, np.float32)
+    one[r, c] = 1.0
+    g1 = np.asarray(jax.grad(loss)(x, jnp.asarray(one)))
+    gw = np.asarray(jax.grad(loss)(x, jnp.asarray(one * weight)))
+    np.testing.assert_allclose(gw, g1 * weight[r, c], rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(
+      np.asarray(grad), sum(np.asarray(jax.grad(loss)(x, jnp.asarray(
+          np.eye(mask.size)[i].reshape(mask.shape) * weight, jnp.float32)))
+          for i in range(mask.size)), rtol=1e-4, atol=1e-6)
 
 
 def test_kl_terms_match_optax():

@@ -77,6 +77,9 @@ def test_microbatched_and_chunked_update_equals_the_full_batch():
   rcfg = rollout.RolloutConfig(max_new_tokens=12, eos_ids=(63,), pad_id=0, vocab_size=64,
                                kat=kat.KATConfig(window=4, patience=1, min_len=4))
   res = rollout.rollout(s, t, prompt, start, jax.random.key(1), rcfg, tau=2.0)
+  # Non-uniform loss weights (a weighting policy's) travel through the row and position chunks.
+  res = res.replace(loss_weight_BxT=res.loss_weight_BxT * jax.random.uniform(
+      jax.random.key(2), res.loss_weight_BxT.shape, minval=0.5, maxval=1.5))
   # SGD with lr 1: new params = params - gradient, so equal params mean equal gradients (Adam's
   # first step, ~lr * sign(g), would only compare signs).
   tx = optax.sgd(1.0)

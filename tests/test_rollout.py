@@ -157,6 +157,58 @@ def test_teacher_equals_student_kl_zero_and_rule_predicted_stop(models):
   assert alive.any() and not alive.all()
 
 
+def test_topk_policy_records_overlap_and_cuts_as_the_offline_rule(models, forward):
+  """Prune-OPD in the fused loop: the recorded top-k overlap is the full forwards' one, the drift
+  cut equals `detect_offline` on it, cut rows are prefixes of the uncut ones, and the loss weights
+  are `loss_weights` of the recorded signals."""
+  student, teacher = models
+  watch = {"mode": "topk", "topk_k": 4, "topk_base": 1.0}  # weights only: never stops a row
+  uncut = _run(models, _cfg(kat=watch, max_new_tokens=32), key=7)
+  seq, mask, plen = _full_sequences(uncut)
+  s_logits = np.asarray(forward(student, jnp.asarray(seq), jnp.asarray(mask)))[:, plen - 1:-1]
+  t_logits = np.asarray(forward(teacher, jnp.asarray(seq), jnp.asarray(mask)))[:, plen - 1:-1]
+  top = lambda x: np.argsort(-x[..., :VOCAB], -1)[..., :4]  # noqa: E731
+  ref = (top(s_logits)[..., :, None] == top(t_logits)[..., None, :]).any(-1).mean(-1)
+  valid = mask[:, plen:]
+  np.testing.assert_allclose(uncut.overlap_BxT, np.where(valid, ref, 0), atol=1e-6)
+  assert not uncut.terminated_B.any() and 0 < ref[valid].mean() < 1
+
+  cut_kw = {**watch, "topk_base": 0.0, "topk_threshold": 0.6, "topk_drop": 0.2}
+  want = kat.detect_offline(uncut.overlap_BxT, uncut.length_B, uncut.eos_B, 0.0, np.inf,
+                            kat.KATConfig(**{"window": 4, **cut_kw}))
+  res = _run(models, _cfg(kat=cut_kw, max_new_tokens=32), key=7)
+  assert 0 < want["terminated"].sum() < len(PROMPTS)
+  for name, field in (("terminated_B", "terminated"), ("detect_B", "detect"),
+                      ("onset_B", "onset"), ("trained_len_B", "trained_len")):
+    np.testing.assert_array_equal(getattr(res, name), want[field], err_msg=name)
+  # A row that hit EOS inside its last window has ended there anyway.
+  np.testing.assert_array_equal(res.length_B, np.where(
+      res.terminated_B, np.minimum(res.detect_B, uncut.length_B), uncut.length_B))
+  weights = kat.loss_weights(jnp.asarray(res.loss_mask_BxT), jnp.asarray(res.logratio_BxT),
+                             jnp.asarray(res.overlap_BxT), kat.KATConfig(**cut_kw))
+  np.testing.assert_allclose(res.loss_weight_BxT, weights, atol=1e-6)
+  assert (res.loss_weight_BxT[res.loss_mask_BxT] > 0).all()  # the zero-weight tail is cut
+
+
+def test_horizon_and_iw_policies_in_the_loop(models):
+  """TOPD / POPD: the horizon comes in as the traced tau and cuts as ESR's fixed length; IW-OPD
+  cuts nothing and weights every trained token by its recorded log-ratio."""
+  fixed = _run(models, _cfg(kat={"mode": "fixed", "fixed_len": 10}, max_new_tokens=32), key=7)
+  horizon = _run(models, _cfg(kat={"mode": "horizon", "horizon_start": 1}, max_new_tokens=32),
+                 key=7, tau=10.0)
+  for name in ("tokens_BxT", "length_B", "terminated_B", "detect_B", "onset_B", "trained_len_B"):
+    np.testing.assert_array_equal(getattr(horizon, name), getattr(fixed, name), err_msg=name)
+  assert horizon.terminated_B.any()
+  iw = _run(models, _cfg(kat={"mode": "iw", "iw_gamma": 0.5}, max_new_tokens=32), key=7)
+  assert not iw.terminated_B.any()
+  np.testing.assert_array_equal(iw.trained_len_B, iw.length_B)
+  a = np.abs(iw.logratio_BxT) * iw.loss_mask_BxT
+  before = np.cumsum(a, 1) - a
+  want = (1 + 0.5 * (1 - before / np.maximum(a.sum(1, keepdims=True), 1e-8))) * iw.loss_mask_BxT
+  np.testing.assert_allclose(iw.loss_weight_BxT, want, rtol=1e-5, atol=1e-6)
+  assert iw.loss_weight_BxT.max() > 1.2
+
+
 @pytest.mark.parametrize("spike_gate", [False, True], ids=["plain", "spike-gated"])
 def test_in_loop_termination_equals_offline_rule_on_real_rollouts(models, spike_gate):
   kat_kw = {"window": 4, "patience": 2, "min_len": 4, "spike_gate": spike_gate}

@@ -59,6 +59,33 @@ def test_two_steps_match_golden_metrics(models, tmp_path):
                                    err_msg=f"step {step} {key}")
 
 
+@pytest.mark.parametrize("policy", [
+    dict(mode="horizon", horizon_start=4, horizon_step=4, horizon_every=1),
+    dict(mode="topk", topk_k=4, topk_threshold=0.8, topk_drop=0.25),
+    dict(mode="iw", iw_gamma=1.0)], ids=lambda p: p["mode"])
+def test_truncation_policies_train_end_to_end(models, tmp_path, policy):
+  cfg = tiny_config(*models, steps=3)
+  cfg.eval_size = 0
+  cfg.export = False
+  cfg.log_rollouts = True
+  cfg.kat.update(policy)
+  summary = train.train(cfg, tmp_path)
+  steps = _metrics(tmp_path)
+  logged = [json.loads(l) for l in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+  assert all(np.isfinite(steps[k]["loss"]) and not steps[k]["skipped"] for k in steps)
+  if policy["mode"] == "horizon":  # POPD: horizons 4, 8, 12 -- the traced tau of each step
+    assert [steps[k]["tau"] for k in sorted(steps)] == [4.0, 8.0, 12.0]
+    for rec, h in zip(logged, (4, 8, 12)):
+      assert max(rec["trained_len"]) <= h
+      assert rec["terminated"] == [n > h for n in rec["length"]]
+  elif policy["mode"] == "topk":  # weights < 1 after drift events; cuts after the 4th
+    assert summary["mean_trained_weight"] < summary["mean_trained_length"]
+  else:  # iw: weights in [1, 2], nothing cut
+    assert not any(t for rec in logged for t in rec["terminated"])
+    assert summary["mean_trained_length"] < summary["mean_trained_weight"] <= (
+        2 * summary["mean_trained_length"])
+
+
 def test_resume_after_process_exit_is_bit_exact(models, tmp_path):
   straight = tmp_path / "straight"
   spec = f"tests/tiny_config.py:{models[0]},{models[1]}"
@@ -144,6 +171,10 @@ BAD = [
                                                            r"no such file"),
     (dict(kat__mode="fixed"), r"config\.kat\.mode='fixed' needs kat\.fixed_len >= 1"),
     (dict(kat__mode="random", kat__random_lengths=[]), r"config\.kat\.random_lengths=\[\]"),
+    (dict(kat__mode="horizon"), r"config\.kat\.mode='horizon' needs kat\.horizon_start >= 1"),
+    (dict(kat__mode="topk", kat__topk_k=20), r"config\.kat\.topk_k=20: exceeds the 19-token"),
+    (dict(kat__mode="topk", kat__topk_drop=-0.1), r"config\.kat\.mode='topk' needs .*"
+                                                  r"kat\.topk_drop >= 0 \(got -0\.1\)"),
     (dict(eval__k=8), r"config\.eval\.k=8 must be between 1 and eval\.n=4"),
     (dict(eval__benchmarks="mathh500"), r"config\.eval\.benchmarks='mathh500': unknown benchmark"),
     (dict(eval__benchmarks="aime24=/nope/aime.jsonl"),
