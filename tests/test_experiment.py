@@ -72,3 +72,25 @@ def test_sweep_table_pairs_seeds_against_vanilla(tmp_path):
   assert agg["vanilla"]["step_time"] == pytest.approx(0.25 + 8 / 1e3)  # median of steps 6..10
   assert table.splitlines()[2].startswith("| vanilla | 2 | 0.550 ± 0.071 (±0.020) | — |")
   assert "| plain | 2 | 0.600 ± 0.071 (±0.020) | 0.050 ± 0.000 |" in table
+
+
+def test_long_sweep_table_reports_loops_lengths_and_weights(tmp_path):
+  from kat_jax.studies import policies
+  for seed in (0, 1):
+    for name, avg, loops, weight in (("vanilla", 0.1, 0.2, 300.0), ("iw", 0.15, 0.1, 400.0)):
+      d = tmp_path / f"s{seed}_{name}"
+      d.mkdir()
+      report = {"k": 4, "macro": {"avg@4": avg + seed / 10, "pass@4": 0.3},
+                "benchmarks": {"heldout": {"mean_length": 100.0 + seed}}}
+      (d / "eval_after.json").write_text(json.dumps(report))
+      (d / "eval_before.json").write_text(json.dumps(report))
+      (d / "summary.json").write_text(json.dumps(dict(
+          mean_trained_length=300.0, mean_rollout_length=310.0, trap_rate=0.0, loop_after=loops,
+          loop_before=0.3, mean_trained_weight=weight, loop_rate=0.25)))
+      (d / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i, step_time=10.0))
+                                               + "\n" for i in range(12)))
+  table, agg = policies.sweep_table(tmp_path, ["vanilla", "iw"])
+  assert agg["iw"]["d_avg"] == pytest.approx([0.05, 0.05])
+  assert agg["iw"]["weight"] == [400.0, 400.0] and agg["vanilla"]["train_time"] == [120.0, 120.0]
+  row = next(line for line in table.splitlines() if line.startswith("| iw |"))
+  assert "| 0.100 ± 0.000 | 100.5 ± 0.7 |" in row and row.endswith("| 2.0 ± 0.0 min |")

@@ -64,3 +64,19 @@ def test_smollm2_setup_dry_run(tmp_path, monkeypatch):
   (tmp_path / "smollm2").mkdir()
   (tmp_path / "smollm2" / "config.json").write_text("{}")
   assert len(_dry(ROOT / "launch" / "smollm2_setup.sh")) == 1  # existing models are kept
+
+
+def test_long_compare_dry_run(tmp_path):
+  study, sweep, after, table = _dry(ROOT / "launch" / "compare_long.sh", tmp_path)
+  assert "kat_jax.studies.policies --config configs/smollm2_long.py" in study
+  assert study.endswith(f"--out {tmp_path}/uncut")
+  assert f"kat_jax.sweep --config configs/smollm2_long_compare.py --workdir {tmp_path}" in sweep
+  assert f"after KAT={tmp_path}/s0_kat/export" in after
+  assert table.endswith(f"--sweep {tmp_path} --out {tmp_path}/tables")
+  (tmp_path / "uncut").mkdir()
+  (tmp_path / "uncut" / "uncut.json").write_text("{}")
+  env_only = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, ONLY="s0_vanilla")
+  out = subprocess.run(["bash", str(ROOT / "launch" / "compare_long.sh"), str(tmp_path)],
+                       cwd=ROOT, env=env_only, capture_output=True, text=True, timeout=60)
+  lines = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
+  assert len(lines) == 2 and lines[0].endswith("--only s0_vanilla")  # the study is kept

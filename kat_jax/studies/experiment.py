@@ -52,7 +52,20 @@ def run_stats(run_dir: Path) -> dict:
               avg_before=before["macro"][f"avg@{k}"], pass_before=before["macro"][f"pass@{k}"],
               trained=summary["mean_trained_length"], generated=summary["mean_rollout_length"],
               trap=summary["trap_rate"], k=k,
-              step_time=statistics.median(r["step_time"] for r in steps) if steps else float("nan"))
+              step_time=statistics.median(r["step_time"] for r in steps) if steps else float("nan"),
+              weight=summary.get("mean_trained_weight", summary["mean_trained_length"]),
+              loop_train=summary.get("loop_rate"), loop_after=summary.get("loop_after"),
+              loop_before=summary.get("loop_before"),
+              len_after=_mean_length(after), len_before=_mean_length(before),
+              train_time=sum(r["step_time"] for r in _records(run_dir / "metrics.jsonl")
+                             if "step_time" in r))
+
+
+def _mean_length(report: dict):
+  """Mean held-out completion length of an evaluation report (None if it has none)."""
+  lengths = [b.get("mean_length") for b in report.get("benchmarks", {}).values()]
+  lengths = [x for x in lengths if x is not None]
+  return float(np.mean(lengths)) if lengths else None
 
 
 def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, dict]:
@@ -128,16 +141,18 @@ def slip_token(prompt: str, completion: str) -> int | None:
 def score_uncut(student, teacher, rows: list[list[int]], cfg, pad_id: int, seed: int,
                 batch: int) -> dict[str, np.ndarray]:
   """Rolls out prompt token lists `batch` at a time with `cfg` (KAT off) and concatenates the
-  per-token signals: kl, logratio, tokens, length, eos, window_mean, window_complete."""
+  per-token signals: kl, logratio, overlap (zeros unless kat.mode='topk'), tokens, length, eos,
+  window_mean, window_complete."""
   import jax
 
-  out = {f: [] for f in ("kl", "logratio", "tokens", "length", "eos", "window_mean",
+  out = {f: [] for f in ("kl", "logratio", "overlap", "tokens", "length", "eos", "window_mean",
                          "window_complete")}
   for c, lo in enumerate(range(0, len(rows), batch)):
     prompt, start = rollout.pad_prompts(rows[lo:lo + batch], pad_id)
     res = jax.device_get(rollout.rollout(student, teacher, prompt, start,
                                          jax.random.key(1000 * seed + c), cfg))
     for field, x in (("kl", res.kl_BxT), ("logratio", res.logratio_BxT),
+                     ("overlap", res.overlap_BxT),
                      ("tokens", res.tokens_BxT), ("length", res.length_B), ("eos", res.eos_B),
                      ("window_mean", res.window_mean_BxN),
                      ("window_complete", res.window_complete_BxN)):

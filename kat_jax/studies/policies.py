@@ -1,0 +1,389 @@
+"""The uncut study of truncation policies: where each one would cut long rollouts, against loops.
+
+    python -m kat_jax.studies.policies --config configs/smollm2_long.py --out DIR \
+        [--student LABEL=DIR ...] [--prompts 32] [--samples 4]
+
+The student samples held-out prompts with nothing cut; the teacher scores every token, and the
+fused loop records the top-k overlap too (`kat.mode='topk'` with weights only, which never stops a
+row). Loops come from the n-gram detector (kat_jax/loops.py). Every policy of kat_jax/kat.py is
+then applied post hoc to the same rollouts (`kat.detect_offline`, the tested twin of the in-loop
+rule; KAT with the threshold its adaptive rule would set from these rollouts' windows), and scored:
+
+  * per rollout: flagged (cut) vs looped -- precision, recall, cuts that land after the loop began;
+  * per token: tokens trained (and the loss weights' sum), the share of in-loop tokens the loss
+    drops (what a trap detector is for) and of loop-free tokens it drops (its cost), and the
+    generation each policy saves (tokens past its stop point that were never needed);
+  * KL(student || teacher) by position: loop-free rollouts vs looping ones before / inside loops;
+    the cumulative loop rate by length.
+
+Budget matching: `fixed` (ESR), `horizon` and `topk` also run at the knob value that trains as
+many tokens as KAT does on these rollouts (`matched_knobs`, bisection), and `random` draws KAT's
+cut lengths; the training sweep (configs/smollm2_long_compare.py) takes its matched knobs from the
+training runs themselves. Writes DIR/uncut.md, DIR/uncut.json and DIR/policy_cuts.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from kat_jax import grading, hf, kat
+from kat_jax.config import rollout_config
+from kat_jax.configfile import load_module
+from kat_jax.data import benchmarks
+from kat_jax.loops import loop_onsets
+from kat_jax.studies.experiment import run_stats, score_uncut
+
+
+def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed: int = 0,
+                   batch: int = 16) -> dict:
+  """The student's uncut samples on `config`'s held-out prompts, every per-token signal recorded."""
+  student, _ = hf.load(student_dir)
+  teacher, _ = hf.load(config.teacher)
+  compat = hf.check_compatible(student_dir, config.teacher)
+  s_cfg = hf.read_config(student_dir)
+  pad = s_cfg.pad_token_id if s_cfg.pad_token_id is not None else compat.eos_token_ids[0]
+  cfg = rollout_config(config, compat.eos_token_ids, pad, compat.vocab_size)
+  # Weights-only top-k mode: records the overlap, never stops a row.
+  cfg = dataclasses.replace(cfg, kat=dataclasses.replace(cfg.kat, mode="topk", topk_base=1.0))
+  tok = Tokenizer.from_file(str(Path(student_dir) / "tokenizer.json"))
+  bench = benchmarks.heldout(config.data, n_prompts, student_dir)
+  rows = [tok.encode(p, add_special_tokens=False).ids
+          for p in bench.prompts for _ in range(samples)]
+  data = score_uncut(student, teacher, rows, cfg, pad, seed, batch)
+  data["loop"] = loop_onsets(data["tokens"], data["length"])
+  data["texts"] = tok.decode_batch([[int(t) for t in r[:n]] for r, n in
+                                    zip(data["tokens"], data["length"])])
+  answers = [a for a in bench.golds for _ in range(samples)]
+  data["correct"] = np.array(grading.grade_many(data["texts"], answers, workers=0,
+                                                extract=bench.extract), bool)
+  return data
+
+
+def policies(config) -> dict[str, kat.KATConfig]:
+  """The policies of the study, as the configs the training sweep would run (knobs: kat.py)."""
+  base = kat.KATConfig(**{f.name: config.kat[f.name] for f in dataclasses.fields(kat.KATConfig)})
+  t = config.max_new_tokens
+  return {
+      "vanilla": dataclasses.replace(base, mode="none"),
+      "KAT plain": dataclasses.replace(base, mode="kat", spike_gate=False, cut="onset"),
+      "KAT spike-gated": dataclasses.replace(base, mode="kat", spike_gate=True, cut="onset"),
+      "KAT onset floor": dataclasses.replace(base, mode="kat", spike_gate=False,
+                                             cut="onset_floor"),
+      "ESR (N=100)": dataclasses.replace(base, mode="fixed", fixed_len=100),
+      "TOPD (H=T/4)": dataclasses.replace(base, mode="horizon", horizon_start=t // 4,
+                                          horizon_step=0),
+      "Prune-OPD (k16, 0.7, drop 0.01)": dataclasses.replace(
+          base, mode="topk", topk_k=16, topk_threshold=0.7, topk_drop=0.01, topk_base=0.0),
+      "IW-OPD (gamma 0.5)": dataclasses.replace(base, mode="iw", iw_gamma=0.5),
+  }
+
+
+def adaptive_tau(data: dict, cfg: kat.KATConfig, quantile: float) -> float:
+  """The threshold KAT's adaptive rule sets from these rollouts' complete windows."""
+  sig = data[cfg.signal]
+  w = cfg.window
+  n = sig.shape[1] // w
+  means = sig[:, :n * w].reshape(len(sig), n, w).mean(-1)
+  complete = data["window_complete"][:, :n]
+  return float(np.quantile(means[complete], quantile)) if complete.any() else 0.0
+
+
+def apply_policy(data: dict, cfg: kat.KATConfig, tau: float, spike_tau: float) -> dict:
+  """Where `cfg` cuts each uncut rollout: terminated, trained_len, stop (generated tokens had it
+  run in the loop: detection point or the row's length) and the loss weights' sum per row."""
+  length = data["length"]
+  if cfg.mode in ("none", "iw"):
+    det = dict(terminated=np.zeros(len(length), bool), trained_len=length.copy(),
+               detect=np.full(len(length), -1))
+  else:
+    signal = data["overlap"] if cfg.mode == "topk" else data[cfg.signal]
+    det = kat.detect_offline(signal, length, data["eos"], tau, spike_tau, cfg)
+  t = data["kl"].shape[1]
+  mask = np.arange(t)[None, :] < det["trained_len"][:, None]
+  weights = np.asarray(kat.loss_weights(mask, data["logratio"], data["overlap"], cfg))
+  stop = np.where(det["terminated"], np.minimum(det["detect"], length), length)
+  return dict(terminated=det["terminated"], trained_len=det["trained_len"], stop=stop,
+              weight=weights.sum(1), weights=weights)
+
+
+def random_cut(data: dict, source: dict, seed: int = 0) -> dict:
+  """`random`: each rollout cut at a length drawn from `source`'s per-rollout cuts (uncut rows
+  draw 'no cut'), independent of its content -- KAT's cut rate and lengths, at random places."""
+  length = data["length"]
+  pool = np.where(source["terminated"], source["trained_len"], np.iinfo(np.int32).max)
+  cut = np.random.default_rng(seed).choice(pool, size=len(length))
+  trained = np.minimum(length, cut)
+  t = data["kl"].shape[1]
+  mask = np.arange(t)[None, :] < trained[:, None]
+  return dict(terminated=cut < length, trained_len=trained, stop=length.copy(),
+              weight=mask.sum(1).astype(float), weights=mask.astype(float))
+
+
+def score(data: dict, cut: dict) -> dict:
+  """A policy's cuts against the loop ground truth, per rollout and per token."""
+  length, onset = data["length"], data["loop"]
+  looped = onset >= 0
+  flagged = cut["terminated"]
+  tp = flagged & looped
+  t = data["kl"].shape[1]
+  pos = np.arange(t)[None, :]
+  gen = pos < length[:, None]
+  dropped = gen & (pos >= cut["trained_len"][:, None])
+  in_loop = gen & looped[:, None] & (pos >= np.where(looped, onset, t)[:, None])
+  healthy = gen & ~in_loop
+  n = len(length)
+  return dict(
+      flagged=float(flagged.mean()), precision=float(tp.sum() / max(flagged.sum(), 1)),
+      recall=float(tp.sum() / max(looped.sum(), 1)),
+      cut_after_onset=float((tp & (cut["trained_len"] >= onset)).sum() / max(tp.sum(), 1)),
+      trained=float(cut["trained_len"].sum() / n), weight=float(cut["weight"].sum() / n),
+      generated=float(cut["stop"].sum() / n),
+      loop_tokens_dropped=float((dropped & in_loop).sum() / max(in_loop.sum(), 1)),
+      healthy_tokens_dropped=float((dropped & healthy).sum() / max(healthy.sum(), 1)))
+
+
+def matched_knobs(data: dict, cfgs: dict[str, kat.KATConfig], target: float) -> dict[str, float]:
+  """Knob values at which ESR / TOPD / Prune-OPD train `target` tokens per rollout on `data`."""
+  length = data["length"]
+  # ESR and TOPD cut every row at one length N: the smallest N whose mean min(len, N) >= target.
+  n = next((n for n in range(1, int(length.max()) + 1)
+            if np.minimum(length, n).mean() >= target), int(length.max()))
+  # Prune-OPD: the loss stops at the ceil(1 / drop)-th drift event; pick that event count.
+  drift = data["overlap"] < cfgs["topk"].topk_threshold
+  gen = np.arange(drift.shape[1])[None, :] < length[:, None]
+  events = np.cumsum(drift & gen, axis=1)
+
+  def trained(m):  # tokens before the m-th event (the row's length if it has fewer)
+    hit = events >= m
+    return np.where(hit.any(1), hit.argmax(1), length).mean()
+  m = next((m for m in range(1, int(events.max()) + 2) if trained(m) >= target),
+           int(events.max()) + 1)
+  return dict(fixed_len=n, horizon_start=n, topk_drop=1.0 / m, topk_events=m)
+
+
+def kl_by_position(data: dict, bucket: int = 64) -> list[dict]:
+  """Median KL per position bucket: loop-free rollouts, looping ones before and inside loops; and
+  the share of rollouts whose loop has begun by the bucket's end."""
+  kl, length, onset = data["kl"], data["length"], data["loop"]
+  t = kl.shape[1]
+  pos = np.arange(t)[None, :]
+  gen = pos < length[:, None]
+  looped = onset >= 0
+  inside = looped[:, None] & (pos >= onset[:, None])
+  out = []
+  for lo in range(0, t, bucket):
+    sl = np.zeros_like(gen)
+    sl[:, lo:lo + bucket] = True
+    med = lambda m: float(np.median(kl[m])) if m.any() else float("nan")  # noqa: E731
+    out.append(dict(start=lo, end=lo + bucket,
+                    loop_free=med(sl & gen & ~looped[:, None]),
+                    before_loop=med(sl & gen & looped[:, None] & ~inside),
+                    in_loop=med(sl & gen & inside),
+                    alive=float((length > lo).mean()),
+                    looped_by=float((looped & (onset < lo + bucket)).mean())))
+  return out
+
+
+def study(data: dict, config) -> dict:
+  """Every policy's cuts and scores on one student's uncut rollouts (and the matched variants)."""
+  cfgs = policies(config)
+  spike_tau = float(config.kat.spike_tau)
+  q = float(config.threshold.quantile)
+  cuts = {name: apply_policy(data, cfg, adaptive_tau(data, cfg, q) if cfg.mode == "kat" else
+                             (cfg.horizon_start if cfg.mode == "horizon" else 0.0), spike_tau)
+          for name, cfg in cfgs.items()}
+  target = float(cuts["KAT plain"]["trained_len"].mean())
+  knobs = matched_knobs(data, {"topk": cfgs["Prune-OPD (k16, 0.7, drop 0.01)"]}, target)
+  n = knobs["fixed_len"]
+  cuts["ESR at KAT's budget"] = apply_policy(
+      data, dataclasses.replace(cfgs["ESR (N=100)"], fixed_len=n), 0.0, spike_tau)
+  cuts["Prune-OPD at KAT's budget"] = apply_policy(
+      data, dataclasses.replace(cfgs["Prune-OPD (k16, 0.7, drop 0.01)"],
+                                topk_drop=knobs["topk_drop"]), 0.0, spike_tau)
+  cuts["random at KAT's cuts"] = random_cut(data, cuts["KAT plain"])
+  return dict(cuts=cuts, scores={k: score(data, c) for k, c in cuts.items()}, knobs=knobs,
+              kat_target=target, tau=adaptive_tau(data, cfgs["KAT plain"], q))
+
+
+def report(data: dict, result: dict, label: str) -> str:
+  looped = data["loop"] >= 0
+  lines = [f"Student {label}: {len(looped)} rollouts, loop rate {looped.mean():.3f} (median "
+           f"onset token {int(np.median(data['loop'][looped])) if looped.any() else -1}), EOS "
+           f"{data['eos'].mean():.3f}, mean length {data['length'].mean():.1f}, correct "
+           f"{data['correct'].mean():.3f}; KAT's adaptive tau {result['tau']:.3g}; KAT plain "
+           f"trains {result['kat_target']:.1f} tokens per rollout, matched knobs: ESR / TOPD "
+           f"N = {result['knobs']['fixed_len']}, Prune-OPD drop = 1/"
+           f"{result['knobs']['topk_events']}.", "",
+           "| policy | flagged | precision vs loops | recall | TP cut after onset | trained "
+           "tokens / rollout | loss weight / rollout | generated / rollout | loop tokens "
+           "dropped | loop-free tokens dropped |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for name, s in result["scores"].items():
+    lines.append(f"| {name} | {s['flagged']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} | "
+                 f"{s['cut_after_onset']:.3f} | {s['trained']:.1f} | {s['weight']:.1f} | "
+                 f"{s['generated']:.1f} | {s['loop_tokens_dropped']:.3f} | "
+                 f"{s['healthy_tokens_dropped']:.3f} |")
+  lines += ["", "| tokens | alive | looped by the end | median KL loop-free | before the loop | "
+            "inside the loop |", "|---|---|---|---|---|---|"]
+  for b in kl_by_position(data):
+    lines.append(f"| {b['start']}-{b['end']} | {b['alive']:.2f} | {b['looped_by']:.3f} | "
+                 f"{b['loop_free']:.3g} | {b['before_loop']:.3g} | {b['in_loop']:.3g} |")
+  return "\n".join(lines)
+
+
+def plot(data: dict, result: dict, path: Path, label: str, n_loop: int = 4, n_free: int = 2,
+         window: int = 32) -> None:
+  """KL traces (moving average over a window) of looping and loop-free rollouts, each policy's
+  cut marked on them, the loop onset dotted."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  looped = np.flatnonzero(data["loop"] >= 0)
+  free = np.flatnonzero((data["loop"] < 0) & (data["length"] >= data["length"].max() // 2))
+  rows = list(looped[:n_loop]) + list(free[:n_free])
+  names = [n for n in result["cuts"] if n not in ("vanilla", "IW-OPD (gamma 0.5)")]
+  marks = "ov^sDP*Xh<>"
+  fig, axes = plt.subplots(len(rows), 1, figsize=(11, 1.9 * len(rows) + 0.6), sharex=True,
+                           squeeze=False)
+  for ax, r in zip(axes[:, 0], rows):
+    n = int(data["length"][r])
+    kl = data["kl"][r, :n]
+    smooth = np.convolve(kl, np.ones(window) / window, mode="valid")
+    ax.plot(np.arange(window - 1, n), smooth, color="0.3", lw=1)
+    top = max(float(smooth.max()) if smooth.size else 1.0, 1e-3)
+    if data["loop"][r] >= 0:
+      ax.axvline(data["loop"][r], color="red", ls=":", lw=1.2)
+    for i, name in enumerate(names):
+      c = result["cuts"][name]
+      if c["terminated"][r]:
+        ax.plot(c["trained_len"][r], top * (1.05 + 0.09 * i), marks[i % len(marks)],
+                color=plt.cm.tab10(i % 10), ms=6, label=name, clip_on=False)
+    ax.set_ylim(0, top * (1.15 + 0.09 * len(names)))
+    ax.set_ylabel(f"row {r}\n" + ("loops" if data["loop"][r] >= 0 else "no loop"), fontsize=8)
+  handles = {}
+  for ax in axes[:, 0]:
+    for h, lab in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(lab, h)
+  fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=4, fontsize=7,
+             frameon=False)
+  axes[-1, 0].set_xlabel(f"generated token (KL: moving mean over {window}; dotted: loop onset; "
+                         "marks: where each policy's loss stops)")
+  fig.suptitle(f"{label}: per-token KL(student || teacher) of uncut rollouts", y=0.995,
+               fontsize=9)
+  fig.tight_layout(rect=(0, 0, 1, 0.93))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _jsonable(result: dict) -> dict:
+  return dict(scores=result["scores"], knobs=result["knobs"], kat_target=result["kat_target"],
+              tau=result["tau"])
+
+
+# ------------------------------------------------------------------------ the training sweep
+
+
+def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
+  """The matched-budget training sweep (configs/smollm2_long_compare.py): per policy, mean ± sd
+  over seeds of held-out accuracy (and each run's own interval), the paired difference to
+  vanilla, loop rate and length of held-out samples after training, tokens generated / trained /
+  loss weight per rollout, and time."""
+  import re
+  groups: dict[str, dict[int, dict]] = {}
+  for run_dir in sorted(Path(sweep_dir).iterdir()):
+    m = re.fullmatch(r"s(\d+)_(\w+)", run_dir.name)
+    if m and (run_dir / "summary.json").is_file():
+      groups.setdefault(m[2], {})[int(m[1])] = run_stats(run_dir)
+  if not groups:
+    return "(no finished runs)", {}
+  names = [n for n in order if n in groups] + sorted(set(groups) - set(order))
+  base = groups.get("vanilla", {})
+  k = next(iter(next(iter(groups.values())).values()))["k"]
+
+  def ms(xs, fmt=".3f"):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+      return "—"
+    return (f"{np.mean(xs):{fmt}} ± {np.std(xs, ddof=1):{fmt}}" if len(xs) > 1
+            else f"{np.mean(xs):{fmt}}")
+
+  def ci(cis):
+    cis = [c for c in cis if c]
+    return f" (±{np.mean([(c[1] - c[0]) / 2 for c in cis]):.3f})" if cis else ""
+
+  lines = [f"| policy | seeds | avg@{k} (run CI ±) | Δ avg@{k} vs vanilla | pass@{k} (run CI ±) | "
+           f"Δ pass@{k} | held-out loop rate | held-out mean length | generated / rollout | "
+           "trained / rollout | loss weight / rollout | trap (cut) rate | s / step | run "
+           "wall (train) |", "|" + "---|" * 14]
+  agg = {}
+  for name in names:
+    runs = groups[name]
+    seeds = sorted(runs)
+    col = lambda f: [runs[s][f] for s in seeds]  # noqa: E731
+    d = lambda f: [runs[s][f] - base[s][f] for s in seeds if s in base]  # noqa: E731
+    agg[name] = {f: col(f) for f in ("avg", "pass_", "loop_after", "len_after", "generated",
+                                     "trained", "weight", "trap", "step_time", "train_time")}
+    agg[name].update(d_avg=d("avg"), d_pass=d("pass_"))
+    lines.append(
+        f"| {name} | {len(seeds)} | {ms(col('avg'))}{ci(col('avg_ci'))} | "
+        f"{ms(d('avg')) if name != 'vanilla' else '—'} | {ms(col('pass_'))}{ci(col('pass_ci'))} | "
+        f"{ms(d('pass_')) if name != 'vanilla' else '—'} | {ms(col('loop_after'))} | "
+        f"{ms(col('len_after'), '.1f')} | {ms(col('generated'), '.1f')} | "
+        f"{ms(col('trained'), '.1f')} | {ms(col('weight'), '.1f')} | {ms(col('trap'))} | "
+        f"{ms(col('step_time'), '.2f')} | {ms([t / 60 for t in col('train_time')], '.1f')} min |")
+  first = next(iter(base.values()), next(iter(next(iter(groups.values())).values())))
+  lines.append(f"\nBefore OPD (the shared initial student, paired draws): avg@{k} "
+               f"{first['avg_before']:.3f}, pass@{k} {first['pass_before']:.3f}, held-out loop "
+               f"rate {first['loop_before']}, mean length {first['len_before']}.")
+  return "\n".join(lines), agg
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description="uncut truncation-policy study (module docstring)")
+  parser.add_argument("--config", default="", help="a config file[:arg] (the uncut study)")
+  parser.add_argument("--student", action="append", default=[],
+                      help="LABEL=DIR or DIR; repeat for several (default: config.student)")
+  parser.add_argument("--prompts", type=int, default=32)
+  parser.add_argument("--samples", type=int, default=4)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--out", required=True, help="directory for uncut.md / .json / .png")
+  parser.add_argument("--sweep", default="", help="instead: the training sweep's table "
+                      "(configs/smollm2_long_compare.py's DIR) into OUT/sweep.md")
+  args = parser.parse_args(argv)
+  if args.sweep:
+    sweep_config = Path(__file__).resolve().parents[2] / "configs" / "smollm2_long_compare.py"
+    order = load_module(str(sweep_config)).ORDER if sweep_config.is_file() else []
+    table, agg = sweep_table(Path(args.sweep), order)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "sweep.md").write_text(table + "\n")
+    (Path(args.out) / "sweep.json").write_text(json.dumps(agg, indent=2) + "\n")
+    print(table)
+    return
+  if not args.config:
+    parser.error("--config is required for the uncut study (or give --sweep DIR).")
+  path, _, arg = args.config.partition(":")
+  config = load_module(path).get_config(arg or None)
+  students = [s.split("=", 1) if "=" in s else [s, s] for s in args.student] or \
+      [["initial", config.student]]
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  texts, summary = [], {}
+  for i, (label, student) in enumerate(students):
+    data = uncut_rollouts(config, student, args.prompts, args.samples, batch=args.batch)
+    result = study(data, config)
+    texts.append(report(data, result, label))
+    summary[label] = dict(_jsonable(result), by_position=kl_by_position(data))
+    plot(data, result, out / ("policy_cuts.png" if i == 0 else f"policy_cuts_{i}.png"), label)
+    print(texts[-1] + "\n", flush=True)
+  (out / "uncut.md").write_text("\n\n".join(texts) + "\n")
+  (out / "uncut.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+  main()
