@@ -3,8 +3,8 @@
 Run:      bash launch/compare_local.sh /tmp/kat_compare      (sweep + docs/results.md + plots)
           or only the sweep: python -m kat_jax.sweep --config configs/arith_compare.py \
                                    --workdir /tmp/kat_compare [--only s0_plain,s0_random]
-Expected: 21 runs of configs/arith.py (400 steps each), ~2.2 min per run on 2 CPU cores:
-          ~50 min in all; rerunning skips finished runs and resumes an interrupted one.
+Expected: 33 runs of configs/arith.py (400 steps each), ~2.2 min per run on 2 CPU cores:
+          ~75 min in all; rerunning skips finished runs and resumes an interrupted one.
 
 Variants (each with seeds 0, 1, 2 -- the seed drives every sampled token; prompts are the same):
   vanilla   OPD without any truncation (kat.mode=none);
@@ -14,7 +14,13 @@ Variants (each with seeds 0, 1, 2 -- the seed drives every sampled token; prompt
             probability and at the lengths that plain KAT cut its rollouts (see `prepare`);
   fixedtau  KAT with a fixed tau = 1e-3 (about the adaptive tau's typical value here);
   spike     KAT adaptive with the spike gate (the default of configs/arith.py);
-  logratio  plain KAT on the sampled log-ratio log p_s(y) - log p_t(y) instead of the full KL.
+  logratio  plain KAT on the sampled log-ratio log p_s(y) - log p_t(y) instead of the full KL;
+  floor     plain KAT, cut at the onset but never before min_len (kat.cut='onset_floor');
+  topk      Prune-OPD drift truncation: top-4 overlap < 0.7 is a drift event, the loss weight
+            falls by 0.1 per event and the row is cut at the 10th (the vocabulary has 17 symbols,
+            so the paper's k = 16 would overlap almost always);
+  popd      POPD's growing horizon: 12 tokens, +12 every 100 steps (12, 24, 36, 48);
+  iw        IW-OPD discrepancy weights, gamma 0.5 (no cut).
 """
 
 import importlib.util
@@ -30,6 +36,13 @@ VARIANTS = [
      "config.threshold.fixed_tau": 1e-3},
     {"name": "spike"},
     {"name": "logratio", "config.kat.spike_gate": False, "config.kat.signal": "logratio"},
+    # The rival policies of the long-rollout comparison (kat_jax/kat.py), sized for ~36 tokens.
+    {"name": "floor", "config.kat.spike_gate": False, "config.kat.cut": "onset_floor"},
+    {"name": "topk", "config.kat.mode": "topk", "config.kat.topk_k": 4,
+     "config.kat.topk_threshold": 0.7, "config.kat.topk_drop": 0.1, "config.kat.topk_base": 0.0},
+    {"name": "popd", "config.kat.mode": "horizon", "config.kat.horizon_start": 12,
+     "config.kat.horizon_step": 12, "config.kat.horizon_every": 100},
+    {"name": "iw", "config.kat.mode": "iw", "config.kat.iw_gamma": 0.5},
 ]
 SEEDS = [0, 1, 2]
 

@@ -38,7 +38,7 @@ def test_tpu_lifecycle_dry_run():
   assert "/mnt/a\\\\\\ b" in run  # the space survives two shells
   assert run.endswith("--config.distributed=True")
   sweep = _dry(tpu, "sweep", "kat", "z", "configs/arith_compare.py", "/mnt/cmp")
-  assert len(sweep) == 21 and all("kat_jax.sweep\\ --distributed" in s for s in sweep)
+  assert len(sweep) == 33 and all("kat_jax.sweep\\ --distributed" in s for s in sweep)
   assert sweep[3].endswith("--only\\ s0_random")
   (delete,) = _dry(tpu, "delete", "kat", "z")
   assert delete == "+ gcloud compute tpus tpu-vm delete kat --zone z --quiet"

@@ -27,7 +27,7 @@ def test_hyper_product_names_and_order():
   assert pts[2] == {"config.seed": 1, "name": "a", "config.kat.mode": "none"}
   assert sweep.point_name({"config.seed": 1}) == "seed=1"
   names = sweep.points("configs/arith_compare.py")
-  assert len(names) == 21 and sweep.point_name(names[3]) == "s0_random"
+  assert len(names) == 33 and sweep.point_name(names[3]) == "s0_random"
 
 
 def test_random_variant_matches_the_plain_runs_cuts(models, tmp_path):

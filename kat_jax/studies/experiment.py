@@ -316,7 +316,8 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   sweep_dir = Path(args.sweep)
   out = Path(args.out) if args.out else sweep_dir / "results.md"
-  order = ["vanilla", "fixed", "random", "fixedtau", "plain", "spike", "logratio"]
+  order = ["vanilla", "fixed", "random", "fixedtau", "plain", "spike", "logratio", "floor", "topk",
+           "popd", "iw"]
   table, _ = sweep_table(sweep_dir, order)
   students = {"initial (shipped)": ASSETS / "arith_student"}
   if (sweep_dir / "s0_vanilla" / "export").is_dir():
