@@ -3,7 +3,8 @@
 #   1. the uncut study of the initial student: loops, KL by position, where each policy would cut
 #      (DIR/uncut/uncut.md, .json, policy_cuts.png; its matched Prune-OPD knob feeds step 2);
 #   2. the training sweep: 9 policies x 2 seeds, budgets matched to KAT (resumable);
-#   3. the uncut study again on the seed-0 students after vanilla OPD and after KAT;
+#   3. the uncut study again: the initial student and the seed-0 students after vanilla OPD and
+#      after KAT (same prompts and draws);
 #   4. the sweep's table (DIR/tables/sweep.md).
 #
 #   bash launch/smollm2_setup.sh                  (once)
@@ -24,7 +25,7 @@ run "$PY" -m kat_jax.sweep --config configs/smollm2_long_compare.py --workdir "$
   ${ONLY:+--only "$ONLY"}
 if [[ -z "${ONLY:-}" && ! -f "$DIR/uncut_after/uncut.json" ]]; then
   run "$PY" -m kat_jax.studies.policies --config configs/smollm2_long.py --prompts 64 --samples 4 \
-    --student "after vanilla OPD=$DIR/s0_vanilla/export" --student "after KAT=$DIR/s0_kat/export" \
-    --out "$DIR/uncut_after"
+    --initial --student "after vanilla OPD=$DIR/s0_vanilla/export" \
+    --student "after KAT=$DIR/s0_kat/export" --out "$DIR/uncut_after"
 fi
 run "$PY" -m kat_jax.studies.policies --sweep "$DIR" --out "$DIR/tables"

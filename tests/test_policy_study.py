@@ -127,3 +127,13 @@ def test_long_sweep_matches_budgets_from_earlier_runs(tmp_path):
   assert prepared("s0_topk").kat.topk_drop == pytest.approx(1 / 40)
   with pytest.raises(FileNotFoundError, match="s1_kat"):
     prepared("s1_esr")
+
+
+def test_cut_plot_is_written(tmp_path):
+  pytest.importorskip("matplotlib")
+  data = _data(3)
+  res = study.study(data, _config())
+  study.plot(data, res, tmp_path / "cuts.png", "synthetic", window=4)
+  from PIL import Image
+  with Image.open(tmp_path / "cuts.png") as im:
+    assert im.size[0] > 1000 and im.size[1] > 500

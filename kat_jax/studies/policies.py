@@ -19,7 +19,8 @@ rule; KAT with the threshold its adaptive rule would set from these rollouts' wi
 Budget matching: `fixed` (ESR), `horizon` and `topk` also run at the knob value that trains as
 many tokens as KAT does on these rollouts (`matched_knobs`, bisection), and `random` draws KAT's
 cut lengths; the training sweep (configs/smollm2_long_compare.py) takes its matched knobs from the
-training runs themselves. Writes DIR/uncut.md, DIR/uncut.json and DIR/policy_cuts.png.
+training runs themselves. Writes DIR/uncut.md, DIR/uncut.json, DIR/policy_cuts.png and the rollouts' signals (DIR/rollouts_<i>.npz:
+`--reuse` redoes the analysis from them without sampling).
 """
 
 from __future__ import annotations
@@ -236,49 +237,58 @@ def report(data: dict, result: dict, label: str) -> str:
   return "\n".join(lines)
 
 
-def plot(data: dict, result: dict, path: Path, label: str, n_loop: int = 4, n_free: int = 2,
-         window: int = 32) -> None:
-  """KL traces (moving average over a window) of looping and loop-free rollouts, each policy's
-  cut marked on them, the loop onset dotted."""
+def plot(data: dict, result: dict, path: Path, label: str, window: int = 16) -> None:
+  """KL traces (moving mean over a KAT window) of long rollouts -- looping ones KAT flags, looping
+  ones it misses, loop-free ones -- with KAT's tau, the loop onset, and where each policy's loss
+  stops."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  looped = np.flatnonzero(data["loop"] >= 0)
-  free = np.flatnonzero((data["loop"] < 0) & (data["length"] >= data["length"].max() // 2))
-  rows = list(looped[:n_loop]) + list(free[:n_free])
-  names = [n for n in result["cuts"] if n not in ("vanilla", "IW-OPD (gamma 0.5)")]
+  long = data["length"] >= data["length"].max() // 2
+  looped = data["loop"] >= 0
+  flagged = result["cuts"]["KAT plain"]["terminated"]
+  rows = (list(np.flatnonzero(long & looped & flagged)[:2])
+          + list(np.flatnonzero(long & looped & ~flagged)[:2])
+          + list(np.flatnonzero(long & ~looped)[:2]))
+  names = [n for n in result["cuts"] if n not in ("vanilla", "IW-OPD (gamma 0.5)",
+                                                  "KAT spike-gated", "KAT onset floor")]
   marks = "ov^sDP*Xh<>"
-  fig, axes = plt.subplots(len(rows), 1, figsize=(11, 1.9 * len(rows) + 0.6), sharex=True,
+  fig, axes = plt.subplots(len(rows), 1, figsize=(11, 1.7 * len(rows) + 1.2), sharex=True,
                            squeeze=False)
   for ax, r in zip(axes[:, 0], rows):
     n = int(data["length"][r])
-    kl = data["kl"][r, :n]
-    smooth = np.convolve(kl, np.ones(window) / window, mode="valid")
+    smooth = np.convolve(data["kl"][r, :n], np.ones(window) / window, mode="valid")
     ax.plot(np.arange(window - 1, n), smooth, color="0.3", lw=1)
+    ax.axhline(result["tau"], color="tab:blue", ls="--", lw=0.8)
     top = max(float(smooth.max()) if smooth.size else 1.0, 1e-3)
-    if data["loop"][r] >= 0:
+    if looped[r]:
       ax.axvline(data["loop"][r], color="red", ls=":", lw=1.2)
     for i, name in enumerate(names):
       c = result["cuts"][name]
       if c["terminated"][r]:
-        ax.plot(c["trained_len"][r], top * (1.05 + 0.09 * i), marks[i % len(marks)],
+        ax.plot(c["trained_len"][r], top * (1.05 + 0.1 * i), marks[i % len(marks)],
                 color=plt.cm.tab10(i % 10), ms=6, label=name, clip_on=False)
-    ax.set_ylim(0, top * (1.15 + 0.09 * len(names)))
-    ax.set_ylabel(f"row {r}\n" + ("loops" if data["loop"][r] >= 0 else "no loop"), fontsize=8)
+    ax.set_ylim(0, top * (1.15 + 0.1 * len(names)))
+    kind = ("loops, KAT cuts" if flagged[r] else "loops, KAT misses") if looped[r] else "no loop"
+    ax.set_ylabel(f"row {r}\n{kind}", fontsize=7)
   handles = {}
   for ax in axes[:, 0]:
     for h, lab in zip(*ax.get_legend_handles_labels()):
       handles.setdefault(lab, h)
+  fig.suptitle(f"{label}: per-token KL(student || teacher) of uncut rollouts (moving mean over "
+               f"{window}); dashed: KAT's tau; dotted: loop onset; marks: where each policy's "
+               "loss stops", fontsize=8, y=0.995)
   fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=4, fontsize=7,
-             frameon=False)
-  axes[-1, 0].set_xlabel(f"generated token (KL: moving mean over {window}; dotted: loop onset; "
-                         "marks: where each policy's loss stops)")
-  fig.suptitle(f"{label}: per-token KL(student || teacher) of uncut rollouts", y=0.995,
-               fontsize=9)
-  fig.tight_layout(rect=(0, 0, 1, 0.93))
+             frameon=False, bbox_to_anchor=(0.5, 0.97))
+  axes[-1, 0].set_xlabel("generated token")
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / fig.get_figheight()))
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+SAVED = ("kl", "logratio", "overlap", "tokens", "length", "eos", "loop", "window_complete",
+         "correct")
 
 
 def _jsonable(result: dict) -> dict:
@@ -352,6 +362,10 @@ def main(argv=None) -> None:
   parser.add_argument("--prompts", type=int, default=32)
   parser.add_argument("--samples", type=int, default=4)
   parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--initial", action="store_true",
+                      help="study config.student (the initial student) first, besides --student")
+  parser.add_argument("--reuse", action="store_true",
+                      help="analyse OUT/rollouts_<i>.npz from an earlier run instead of sampling")
   parser.add_argument("--out", required=True, help="directory for uncut.md / .json / .png")
   parser.add_argument("--sweep", default="", help="instead: the training sweep's table "
                       "(configs/smollm2_long_compare.py's DIR) into OUT/sweep.md")
@@ -369,17 +383,24 @@ def main(argv=None) -> None:
     parser.error("--config is required for the uncut study (or give --sweep DIR).")
   path, _, arg = args.config.partition(":")
   config = load_module(path).get_config(arg or None)
-  students = [s.split("=", 1) if "=" in s else [s, s] for s in args.student] or \
-      [["initial", config.student]]
+  students = [s.split("=", 1) if "=" in s else [s, s] for s in args.student]
+  if args.initial or not students:
+    students.insert(0, ["initial", config.student])
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   texts, summary = [], {}
   for i, (label, student) in enumerate(students):
-    data = uncut_rollouts(config, student, args.prompts, args.samples, batch=args.batch)
+    saved = out / f"rollouts_{i}.npz"
+    if args.reuse:
+      data = dict(np.load(saved))
+    else:
+      data = uncut_rollouts(config, student, args.prompts, args.samples, batch=args.batch)
+      np.savez_compressed(saved, **{f: data[f] for f in SAVED})
     result = study(data, config)
     texts.append(report(data, result, label))
     summary[label] = dict(_jsonable(result), by_position=kl_by_position(data))
-    plot(data, result, out / ("policy_cuts.png" if i == 0 else f"policy_cuts_{i}.png"), label)
+    plot(data, result, out / ("policy_cuts.png" if i == 0 else f"policy_cuts_{i}.png"), label,
+         window=config.kat.window)
     print(texts[-1] + "\n", flush=True)
   (out / "uncut.md").write_text("\n\n".join(texts) + "\n")
   (out / "uncut.json").write_text(json.dumps(summary, indent=2) + "\n")
