@@ -58,6 +58,8 @@ def get_hyper(hyper):
       point.update({f"config.kat.{k}": v for k, v in policies[name].items()})
     if name in ("esr", "topk"):
       point["match"] = "kat"
+    if name != "vanilla":  # the initial student is evaluated once per seed, in its vanilla run
+      point["config.eval_before"] = False
     points.append(point)
   return hyper.product([hyper.chain([{"name": f"s{s}", "config.seed": s} for s in SEEDS]),
                         hyper.chain(points)])

@@ -111,6 +111,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.max_consecutive_skips = 5
   c.eval_every = 0  # 0 = only before and after
+  # False skips the evaluation before training: sweeps whose runs share the initial student and
+  # the evaluation draws (one seed) need it once, not once per run.
+  c.eval_before = True
   c.eval_size = 256  # problems per benchmark (training: 0 turns evaluation off; mode=eval: 0 = all)
   # Evaluation (kat_jax.evaluate): benchmarks are comma-separated specs, see
   # kat_jax/data/benchmarks.py ('arith', 'math500', 'aime24=/data/aime24.jsonl', 'my.jsonl');

@@ -354,7 +354,8 @@ def train(config, workdir) -> dict:
   key = jax.random.key(config.seed)
   logger = metrics.Logger(run.workdir, main, config.log_rollouts, config.log_samples > 0)
   eval_key = jax.random.fold_in(key, 2**31)  # the same draws before and after: a paired comparison
-  before = evaluate(run, eval_key) if (start_step == 0 and run.benchmarks) else None
+  before = (evaluate(run, eval_key)
+            if start_step == 0 and run.benchmarks and config.eval_before else None)
   if before:
     logger.log(0, {f"eval/{k}": v for k, v in evaluate_lib.flat_metrics(before).items()})
   totals = metrics.Totals()

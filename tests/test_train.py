@@ -69,7 +69,11 @@ def test_truncation_policies_train_end_to_end(models, tmp_path, policy):
   cfg.export = False
   cfg.log_rollouts = True
   cfg.kat.update(policy)
+  if policy["mode"] == "iw":  # and a sweep's run that skips the shared evaluation before
+    cfg.eval_size, cfg.eval_before = 4, False
   summary = train.train(cfg, tmp_path)
+  assert (tmp_path / "eval_after.json").is_file() == (policy["mode"] == "iw")
+  assert not (tmp_path / "eval_before.json").exists() and summary["avg_before"] is None
   steps = _metrics(tmp_path)
   logged = [json.loads(l) for l in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
   assert all(np.isfinite(steps[k]["loss"]) and not steps[k]["skipped"] for k in steps)

@@ -44,12 +44,15 @@ def _records(path: Path) -> list[dict]:
 def run_stats(run_dir: Path) -> dict:
   summary = json.loads((run_dir / "summary.json").read_text())
   after = json.loads((run_dir / "eval_after.json").read_text())
-  before = json.loads((run_dir / "eval_before.json").read_text())
+  # A sweep may evaluate the shared initial student in one run only (config.eval_before).
+  path = run_dir / "eval_before.json"
+  before = json.loads(path.read_text()) if path.is_file() else {"macro": {}}
   k = after["k"]
   steps = [r for r in _records(run_dir / "metrics.jsonl") if "step_time" in r and r["step"] > 5]
   return dict(avg=after["macro"][f"avg@{k}"], avg_ci=after["macro"].get(f"avg@{k}_ci"),
               pass_=after["macro"][f"pass@{k}"], pass_ci=after["macro"].get(f"pass@{k}_ci"),
-              avg_before=before["macro"][f"avg@{k}"], pass_before=before["macro"][f"pass@{k}"],
+              avg_before=before["macro"].get(f"avg@{k}"),
+              pass_before=before["macro"].get(f"pass@{k}"),
               trained=summary["mean_trained_length"], generated=summary["mean_rollout_length"],
               trap=summary["trap_rate"], k=k,
               step_time=statistics.median(r["step_time"] for r in steps) if steps else float("nan"),
@@ -112,8 +115,10 @@ def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, d
         f"{np.mean([runs[s]['generated'] for s in seeds]):.1f} | "
         f"{np.mean([runs[s]['trap'] for s in seeds]):.3f} | "
         f"{np.mean([runs[s]['step_time'] for s in seeds]):.3f} |")
-  before = [r["avg_before"] for g in groups.values() for r in g.values()]
-  pbefore = [r["pass_before"] for g in groups.values() for r in g.values()]
+  before = [r["avg_before"] for g in groups.values() for r in g.values()
+            if r["avg_before"] is not None]
+  pbefore = [r["pass_before"] for g in groups.values() for r in g.values()
+             if r["pass_before"] is not None]
   if before:
     lines.append(f"\nBefore OPD (same student, every run's paired draws): avg@{k} "
                  f"{np.mean(before):.3f}, pass@{k} {np.mean(pbefore):.3f}.")

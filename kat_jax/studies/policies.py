@@ -347,10 +347,13 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
         f"{ms(col('len_after'), '.1f')} | {ms(col('generated'), '.1f')} | "
         f"{ms(col('trained'), '.1f')} | {ms(col('weight'), '.1f')} | {ms(col('trap'))} | "
         f"{ms(col('step_time'), '.2f')} | {ms([t / 60 for t in col('train_time')], '.1f')} min |")
-  first = next(iter(base.values()), next(iter(next(iter(groups.values())).values())))
-  lines.append(f"\nBefore OPD (the shared initial student, paired draws): avg@{k} "
-               f"{first['avg_before']:.3f}, pass@{k} {first['pass_before']:.3f}, held-out loop "
-               f"rate {first['loop_before']}, mean length {first['len_before']}.")
+  befores = [r for g in groups.values() for r in g.values() if r["avg_before"] is not None]
+  if befores:
+    fmt = lambda f, p=".3f": ms([r[f] for r in befores], p)  # noqa: E731
+    lines.append(f"\nBefore OPD (the shared initial student, each seed's draws; "
+                 f"{len(befores)} evaluations): avg@{k} {fmt('avg_before')}, pass@{k} "
+                 f"{fmt('pass_before')}, held-out loop rate {fmt('loop_before')}, mean length "
+                 f"{fmt('len_before', '.1f')}.")
   return "\n".join(lines), agg
 
 
