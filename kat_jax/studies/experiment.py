@@ -71,6 +71,22 @@ def _mean_length(report: dict):
   return float(np.mean(lengths)) if lengths else None
 
 
+def mean_sd(xs, fmt: str = ".3f") -> str:
+  """'mean ± sd' over seeds (sd with ddof 1; the mean alone for one value; '—' for none)."""
+  xs = [x for x in xs if x is not None]
+  if not xs:
+    return "—"
+  if len(xs) == 1:
+    return f"{np.mean(xs):{fmt}}"
+  return f"{np.mean(xs):{fmt}} ± {np.std(xs, ddof=1):{fmt}}"
+
+
+def ci_half(cis) -> str:
+  """' (±h)': the mean half-width of the runs' own intervals ('' if none has one)."""
+  cis = [c for c in cis if c]
+  return f" (±{np.mean([(c[1] - c[0]) / 2 for c in cis]):.3f})" if cis else ""
+
+
 def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, dict]:
   groups: dict[str, dict[int, dict]] = {}
   for run_dir in sorted(sweep_dir.iterdir()):
@@ -80,14 +96,6 @@ def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, d
   names = [n for n in (order or []) if n in groups] + sorted(set(groups) - set(order or []))
   k = next(iter(next(iter(groups.values())).values()))["k"] if groups else 4
   base = groups.get("vanilla", {})
-
-  def ms(xs):
-    return (f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f}" if len(xs) > 1
-            else f"{np.mean(xs):.3f}")
-
-  def half(cis):
-    cis = [c for c in cis if c]
-    return f" (±{np.mean([(c[1] - c[0]) / 2 for c in cis]):.3f})" if cis else ""
 
   lines = [f"| variant | seeds | avg@{k} after (CI ±) | Δ avg@{k} vs vanilla | pass@{k} after (CI ±) "
            f"| Δ pass@{k} vs vanilla | trained tokens / rollout | generated tokens / rollout "
@@ -107,10 +115,10 @@ def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, d
                      trained=float(np.mean([runs[s]["trained"] for s in seeds])),
                      step_time=float(np.mean([runs[s]["step_time"] for s in seeds])))
     lines.append(
-        f"| {name} | {len(seeds)} | {ms(avg)}{half([runs[s]['avg_ci'] for s in seeds])} | "
-        f"{ms(d_avg) if d_avg and name != 'vanilla' else '—'} | "
-        f"{ms(pas)}{half([runs[s]['pass_ci'] for s in seeds])} | "
-        f"{ms(d_pass) if d_pass and name != 'vanilla' else '—'} | "
+        f"| {name} | {len(seeds)} | {mean_sd(avg)}{ci_half([runs[s]['avg_ci'] for s in seeds])} | "
+        f"{mean_sd(d_avg) if name != 'vanilla' else '—'} | "
+        f"{mean_sd(pas)}{ci_half([runs[s]['pass_ci'] for s in seeds])} | "
+        f"{mean_sd(d_pass) if name != 'vanilla' else '—'} | "
         f"{np.mean([runs[s]['trained'] for s in seeds]):.1f} | "
         f"{np.mean([runs[s]['generated'] for s in seeds]):.1f} | "
         f"{np.mean([runs[s]['trap'] for s in seeds]):.3f} | "

@@ -28,8 +28,11 @@ from kat_jax.studies.experiment import post_hoc, score_uncut
 
 
 def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed: int = 0,
-                   batch: int = 32) -> dict:
-  """KAT off: the student samples `config`'s held-out prompts, the teacher scores each token."""
+                   batch: int = 32, overlap: bool = False) -> dict:
+  """KAT off: the student samples `config`'s held-out prompts, the teacher scores each token.
+
+  overlap: also record the top-k overlap (kat.mode='topk' with weights only, which never stops a
+  row); data["golds"] / data["extract"] say how to grade the texts."""
 
   student, _ = hf.load(student_dir)
   teacher, _ = hf.load(config.teacher)
@@ -37,7 +40,8 @@ def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed:
   s_cfg = hf.read_config(student_dir)
   pad = s_cfg.pad_token_id if s_cfg.pad_token_id is not None else compat.eos_token_ids[0]
   cfg = rollout_config(config, compat.eos_token_ids, pad, compat.vocab_size)
-  cfg = dataclasses.replace(cfg, kat=dataclasses.replace(cfg.kat, mode="none"))
+  watch = dict(mode="topk", topk_base=1.0) if overlap else dict(mode="none")
+  cfg = dataclasses.replace(cfg, kat=dataclasses.replace(cfg.kat, **watch))
   tok = Tokenizer.from_file(str(Path(student_dir) / "tokenizer.json"))
   bench = benchmarks.heldout(config.data, n_prompts, student_dir)  # its own chat template
   rows = [tok.encode(p, add_special_tokens=False).ids
@@ -46,6 +50,8 @@ def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed:
   data["loop"] = loop_onsets(data["tokens"], data["length"])
   data["texts"] = tok.decode_batch([[int(t) for t in r[:n]] for r, n in
                                     zip(data["tokens"], data["length"])])
+  data["golds"] = [g for g in bench.golds for _ in range(samples)]
+  data["extract"] = bench.extract
   data["kat"] = kat.KATConfig(**{**dataclasses.asdict(cfg.kat), "mode": "kat"})
   data["spike_tau"] = float(config.kat.spike_tau)
   data["quantile"] = float(config.threshold.quantile)

@@ -31,38 +31,20 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
-from kat_jax import grading, hf, kat
-from kat_jax.config import rollout_config
+from kat_jax import grading, kat
 from kat_jax.configfile import load_module
-from kat_jax.data import benchmarks
-from kat_jax.loops import loop_onsets
-from kat_jax.studies.experiment import run_stats, score_uncut
+from kat_jax.studies import loops
+from kat_jax.studies.experiment import ci_half, mean_sd, run_stats
 
 
 def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed: int = 0,
                    batch: int = 16) -> dict:
-  """The student's uncut samples on `config`'s held-out prompts, every per-token signal recorded."""
-  student, _ = hf.load(student_dir)
-  teacher, _ = hf.load(config.teacher)
-  compat = hf.check_compatible(student_dir, config.teacher)
-  s_cfg = hf.read_config(student_dir)
-  pad = s_cfg.pad_token_id if s_cfg.pad_token_id is not None else compat.eos_token_ids[0]
-  cfg = rollout_config(config, compat.eos_token_ids, pad, compat.vocab_size)
-  # Weights-only top-k mode: records the overlap, never stops a row.
-  cfg = dataclasses.replace(cfg, kat=dataclasses.replace(cfg.kat, mode="topk", topk_base=1.0))
-  tok = Tokenizer.from_file(str(Path(student_dir) / "tokenizer.json"))
-  bench = benchmarks.heldout(config.data, n_prompts, student_dir)
-  rows = [tok.encode(p, add_special_tokens=False).ids
-          for p in bench.prompts for _ in range(samples)]
-  data = score_uncut(student, teacher, rows, cfg, pad, seed, batch)
-  data["loop"] = loop_onsets(data["tokens"], data["length"])
-  data["texts"] = tok.decode_batch([[int(t) for t in r[:n]] for r, n in
-                                    zip(data["tokens"], data["length"])])
-  answers = [a for a in bench.golds for _ in range(samples)]
-  data["correct"] = np.array(grading.grade_many(data["texts"], answers, workers=0,
-                                                extract=bench.extract), bool)
+  """The student's uncut samples on `config`'s held-out prompts, every per-token signal recorded
+  (the loop study's, plus the top-k overlap and whether each answer is right)."""
+  data = loops.uncut_rollouts(config, student_dir, n_prompts, samples, seed, batch, overlap=True)
+  data["correct"] = np.array(grading.grade_many(data["texts"], data["golds"], workers=0,
+                                                extract=data["extract"]), bool)
   return data
 
 
@@ -316,17 +298,7 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
   base = groups.get("vanilla", {})
   k = next(iter(next(iter(groups.values())).values()))["k"]
 
-  def ms(xs, fmt=".3f"):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-      return "—"
-    return (f"{np.mean(xs):{fmt}} ± {np.std(xs, ddof=1):{fmt}}" if len(xs) > 1
-            else f"{np.mean(xs):{fmt}}")
-
-  def ci(cis):
-    cis = [c for c in cis if c]
-    return f" (±{np.mean([(c[1] - c[0]) / 2 for c in cis]):.3f})" if cis else ""
-
+  ms, ci = mean_sd, ci_half
   lines = [f"| policy | seeds | avg@{k} (run CI ±) | Δ avg@{k} vs vanilla | pass@{k} (run CI ±) | "
            f"Δ pass@{k} | held-out loop rate | held-out mean length | generated / rollout | "
            "trained / rollout | loss weight / rollout | trap (cut) rate | s / step | run "
