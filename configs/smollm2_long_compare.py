@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kat_jax.studies.policies import SWEEP_ORDER as ORDER  # the table's order too
+
 SEEDS = [0, 1]
-ORDER = ["vanilla", "kat", "spike", "floor", "esr", "random", "topk", "popd", "iw"]
 
 
 def _long():

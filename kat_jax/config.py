@@ -381,12 +381,16 @@ def loss_config(config, vocab_size: int):
                         **{**config.loss.to_dict(), "temperature": temperature})
 
 
+def kat_config(config) -> kat.KATConfig:
+  """The truncation policy's static settings (config.kat without the rollout's traced inputs)."""
+  return kat.KATConfig(**{f.name: config.kat[f.name] for f in dataclasses.fields(kat.KATConfig)})
+
+
 def rollout_config(config, eos_ids, pad_id, vocab_size) -> rollout.RolloutConfig:
-  k = config.kat
   return rollout.RolloutConfig(
       max_new_tokens=config.max_new_tokens, eos_ids=tuple(eos_ids), pad_id=pad_id,
       vocab_size=vocab_size, sampling=rollout.SamplingConfig(**config.sampling),
-      kat=kat.KATConfig(**{f.name: k[f.name] for f in dataclasses.fields(kat.KATConfig)}),
+      kat=kat_config(config),
       rescore_student=config.rescore_student, compact_multiple=config.compact_multiple,
       slots=config.rollout.slots, length_bucket=config.rollout.length_bucket)
 

@@ -21,8 +21,8 @@ that is often negative on healthy tokens (the teacher more confident than the st
 windows mostly hit correct rollouts (measured on the arithmetic task: docs/results.md, the
 detector table's `logratio` rows).
 
-Truncation policies (`mode`), one switch each, the same rollout and the same loss otherwise; the
-rivals' definitions as published (docs/results.md, "The policies", cites what was read where):
+Truncation policies (`mode`), one switch each, the same rollout and the same loss otherwise; each
+rival as its paper or reference code defines it (the source is named in its bullet):
   * `none` -- vanilla OPD: every token trained with weight 1.
   * `kat` -- the rule above (plain; `spike_gate`; `cut='onset_floor'` keeps the first min_len).
   * `fixed` -- ESR (arXiv 2605.27028): generation stops after `fixed_len` tokens (paper: N = 100).

@@ -16,11 +16,12 @@ rule; KAT with the threshold its adaptive rule would set from these rollouts' wi
   * KL(student || teacher) by position: loop-free rollouts vs looping ones before / inside loops;
     the cumulative loop rate by length.
 
-Budget matching: `fixed` (ESR), `horizon` and `topk` also run at the knob value that trains as
-many tokens as KAT does on these rollouts (`matched_knobs`, bisection), and `random` draws KAT's
-cut lengths; the training sweep (configs/smollm2_long_compare.py) takes its matched knobs from the
-training runs themselves. Writes DIR/uncut.md, DIR/uncut.json, DIR/policy_cuts.png and the rollouts' signals (DIR/rollouts_<i>.npz:
-`--reuse` redoes the analysis from them without sampling).
+Budget matching: `fixed` (ESR; TOPD's fixed horizon is the same cut) and `topk` also run at the
+smallest knob value that trains as many tokens as KAT does on these rollouts (`matched_knobs`),
+and `random` draws KAT's cut lengths; the training sweep (configs/smollm2_long_compare.py) takes
+ESR's and random's matched knobs from its own runs. Writes DIR/uncut.md, DIR/uncut.json,
+DIR/policy_cuts.png and the rollouts' signals (DIR/rollouts_<i>.npz: `--reuse` redoes the analysis
+from them without sampling).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from kat_jax import grading, kat
+from kat_jax.config import kat_config
 from kat_jax.configfile import load_module
 from kat_jax.studies import loops
 from kat_jax.studies.experiment import ci_half, mean_sd, run_stats
@@ -49,8 +51,9 @@ def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed:
 
 
 def policies(config) -> dict[str, kat.KATConfig]:
-  """The policies of the study, as the configs the training sweep would run (knobs: kat.py)."""
-  base = kat.KATConfig(**{f.name: config.kat[f.name] for f in dataclasses.fields(kat.KATConfig)})
+  """The policies of the study at their published settings (knobs: kat.py); the config's KAT
+  window, patience and min_len throughout."""
+  base = kat_config(config)
   t = config.max_new_tokens
   return {
       "vanilla": dataclasses.replace(base, mode="none"),
@@ -281,6 +284,11 @@ def _jsonable(result: dict) -> dict:
 # ------------------------------------------------------------------------ the training sweep
 
 
+# The training sweep's points in run order (configs/smollm2_long_compare.py runs them so): the
+# matched points read the earlier runs they match.
+SWEEP_ORDER = ["vanilla", "kat", "spike", "floor", "esr", "random", "topk", "popd", "iw"]
+
+
 def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
   """The matched-budget training sweep (configs/smollm2_long_compare.py): per policy, mean ± sd
   over seeds of held-out accuracy (and each run's own interval), the paired difference to
@@ -346,9 +354,7 @@ def main(argv=None) -> None:
                       "(configs/smollm2_long_compare.py's DIR) into OUT/sweep.md")
   args = parser.parse_args(argv)
   if args.sweep:
-    sweep_config = Path(__file__).resolve().parents[2] / "configs" / "smollm2_long_compare.py"
-    order = load_module(str(sweep_config)).ORDER if sweep_config.is_file() else []
-    table, agg = sweep_table(Path(args.sweep), order)
+    table, agg = sweep_table(Path(args.sweep), SWEEP_ORDER)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "sweep.md").write_text(table + "\n")
     (Path(args.out) / "sweep.json").write_text(json.dumps(agg, indent=2) + "\n")
