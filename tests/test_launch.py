@@ -67,11 +67,16 @@ def test_smollm2_setup_dry_run(tmp_path, monkeypatch):
 
 
 def test_long_compare_dry_run(tmp_path):
+  study, sweep, table = _dry(ROOT / "launch" / "compare_long.sh", tmp_path)
+  assert "uncut_after" not in sweep + table  # no trained students to study yet
+  for run in ("s1_vanilla", "s1_kat"):
+    (tmp_path / run / "export").mkdir(parents=True)
   study, sweep, after, table = _dry(ROOT / "launch" / "compare_long.sh", tmp_path)
+  assert f"after vanilla OPD={tmp_path}/s1_vanilla/export" in after
   assert "kat_jax.studies.policies --config configs/smollm2_long.py" in study
   assert study.endswith(f"--out {tmp_path}/uncut")
   assert f"kat_jax.sweep --config configs/smollm2_long_compare.py --workdir {tmp_path}" in sweep
-  assert f"after KAT={tmp_path}/s0_kat/export" in after
+  assert f"after KAT={tmp_path}/s1_kat/export" in after
   assert table.endswith(f"--sweep {tmp_path} --out {tmp_path}/tables")
   (tmp_path / "uncut").mkdir()
   (tmp_path / "uncut" / "uncut.json").write_text("{}")
@@ -80,3 +85,27 @@ def test_long_compare_dry_run(tmp_path):
                        cwd=ROOT, env=env_only, capture_output=True, text=True, timeout=60)
   lines = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
   assert len(lines) == 2 and lines[0].endswith("--only s0_vanilla")  # the study is kept
+
+
+def test_records_keep_finished_runs_without_checkpoints_and_never_overwrite(tmp_path):
+  work, records = tmp_path / "work", tmp_path / "records"
+  for name, files in (("s0_vanilla", ["summary.json", "metrics.jsonl", "rollouts.jsonl",
+                                      "eval_after.json", "checkpoints/10/x", "export/m.bin"]),
+                      ("s0_kat", ["metrics.jsonl", "checkpoints/10/x"]),  # unfinished
+                      ("uncut", ["uncut.json", "uncut.md", "rollouts_0.npz"])):
+    for f in files:
+      (work / name / f).parent.mkdir(parents=True, exist_ok=True)
+      (work / name / f).write_text(name)
+  script = str(ROOT / "launch" / "records.sh")
+  subprocess.run(["bash", script, "save", str(work), str(records)], check=True,
+                 capture_output=True)
+  kept = sorted(str(p.relative_to(records)) for p in records.rglob("*") if p.is_file())
+  assert kept == ["s0_vanilla/eval_after.json", "s0_vanilla/metrics.jsonl",
+                  "s0_vanilla/rollouts.jsonl", "s0_vanilla/summary.json", "uncut/uncut.json",
+                  "uncut/uncut.md"]
+  fresh = tmp_path / "fresh"
+  (fresh / "uncut").mkdir(parents=True)
+  (fresh / "uncut" / "uncut.json").write_text("newer")
+  subprocess.run(["bash", script, "restore", str(fresh), str(records)], check=True)
+  assert (fresh / "s0_vanilla" / "summary.json").read_text() == "s0_vanilla"
+  assert (fresh / "uncut" / "uncut.json").read_text() == "newer"  # an existing one is kept
