@@ -38,6 +38,8 @@ EXTRAS = {
         "transformers==5.24.0",
         "gguf==0.19.0",
         "accelerate==1.15.0",
+        # LoRA exports load onto the base with peft (tests/test_lora.py).
+        "peft==0.21.2",
         "reasoning-gym==0.1.25",
         # Compiles for TPU topologies on a CPU host (kat_jax/aot.py, tests/test_aot.py).
         "libtpu==0.0.42.1",

@@ -14,9 +14,10 @@ Run on every worker of a TPU slice (see README "TPU pods"):
       --config.data.path=/mnt/data/deepmath.jsonl
 TPU compile check and roofline, on any CPU host with libtpu (README "TPU"; ~10 min):
   python -m kat_jax.aot --config configs/qwen3_opd.py --topology v5e:4x4 --roofline
+Variant :lora -- a Qwen3-8B LoRA student of Qwen3-32B (below; README "LoRA students").
 Expected (that roofline, every row generating all 4096 tokens, so an upper bound): ~53 s per step
-on 16 v5e chips, ~38 s on 16 v4, ~17 s on 16 v5p, ~26 s on 16 v6e; per-device peak 84% of a
-v5e's HBM (the rollout prefill). Checkpoints every 50 steps; rerunning resumes.
+on 16 v5e chips, ~38 s on 16 v4, ~17 s on 16 v5p, ~26 s on 16 v6e; per-device peak 89% of a
+v5e's HBM (the rollout prefill, with the fp32 master weights of optim.master='auto'; 84% without). Checkpoints every 50 steps; rerunning resumes.
 """
 
 from kat_jax.config import defaults
@@ -53,7 +54,8 @@ def get_config(arg=None):
   # rematerialised in the backward pass, the blocks as one scan. From the TPU compiler (python -m
   # kat_jax.aot, README "TPU"), the update's peak on v5e:4x4 with the 8B teacher resident beside
   # it: 15.70 of 15.75 GiB unrolled without remat, 12.13 with remat, 6.50 (41%) scanned with remat
-  # (FSDP then gathers one layer's weights at a time; compile 225 -> 72 s).
+  # (FSDP then gathers one layer's weights at a time; compile 225 -> 72 s); 7.84 (50%) with the
+  # fp32 master weights the bf16 student keeps by default (lr 1e-6 steps are below bf16's ulp).
   c.remat = True
   c.scan_layers = True
   c.attn_chunk = 512  # query chunks in the update's forward: no [H, S, S] scores
@@ -62,7 +64,7 @@ def get_config(arg=None):
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP: the 8B teacher does not fit one chip
   # Long rollouts (README "Long rollouts"): length buckets on (attention reads the filled 128,
   # 256, ... 4096 slots: 0.49x the HBM bytes of a window at 512 of 4096 tokens, per XLA:TPU);
-  # one decode slot per rollout, since the 128 rows' caches fit (84% of v5e HBM at the peak) and
+  # one decode slot per rollout, since the 128 rows' caches fit (89% of v5e HBM at the peak) and
   # a window costs nearly the same for 32 rows as for 128 (predicted rollout 22 s vs 60-66 s
   # with 32 slots). Out of HBM (a larger batch, longer rollouts, fewer chips): e.g.
   # --config.rollout.slots=32 (caches 4x smaller), which refills slots as KAT stops rows.
@@ -77,7 +79,22 @@ def get_config(arg=None):
   c.eval.temperature, c.eval.top_p = 0.6, 0.95
   c.eval.max_new_tokens = 4096
   c.eval.batch_size = 128
-  if arg not in (None, ""):
-    raise ValueError(f"configs/qwen3_opd.py takes no argument (got {arg!r}); override with "
-                     "--config.KEY=VALUE.")
+  if arg == "lora":
+    # An 8B student distilled from Qwen3-32B, training rank-32 adapters on every projection
+    # (87M float32 params) instead of 8.2B params with fp32 master weights and moments. Memory
+    # plan on 16 chips of 32 GiB (v4-32; `python -m kat_jax.memory --config
+    # configs/qwen3_opd.py:lora --devices 16 --device-memory-gb 32 --mesh 1,16,1`): peak 15.0
+    # GiB per chip, against 24.5 GiB for full fine-tuning of the same pair (--config.lora.rank=0;
+    # master weights 1.9, AdamW 3.8 and gradients 1.9 GiB become 0.4 + 0.2). Adapters take a
+    # larger learning rate than full fine-tuning (10x here; the embedded task's best was 3x).
+    c.student = "/mnt/models/Qwen3-8B"
+    c.teacher = "/mnt/models/Qwen3-32B"
+    c.lora.rank, c.lora.alpha = 32, 32.0
+    c.optim.learning_rate = 1e-5
+    # The 32B teacher's KV caches for 128 rows of 4608 slots are 9.7 GiB per chip: 32 decode
+    # slots (refilled as rows finish) keep the rollout in a v5e's HBM.
+    c.rollout.slots = 32
+  elif arg not in (None, ""):
+    raise ValueError(f"configs/qwen3_opd.py:{arg}: the only variant is :lora; override "
+                     "anything else with --config.KEY=VALUE.")
   return c

@@ -41,7 +41,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kat_jax import config as config_lib
-from kat_jax import memory, opd, rollout, sharding
+from kat_jax import lora, memory, opd, rollout, sharding
 from kat_jax import roofline as roofline_lib
 from kat_jax.configfile import load_config
 from kat_jax.models import ConfigError, Transformer
@@ -64,6 +64,9 @@ class Compiled:
   # training params and optimizer state during the rollout; the teacher during an update that
   # does not read it): the compiler cannot see it, the device must hold it.
   resident: float = 0.0
+  # Argument bytes that are one buffer passed twice: a self-distilled teacher's params are the
+  # LoRA student's base (config.shares_base), counted once.
+  shared: float = 0.0
   collectives: dict = dataclasses.field(default_factory=dict)  # op -> count in the TPU HLO
   hlo: str = ""  # the optimized TPU HLO text
   findings: list = dataclasses.field(default_factory=list)  # layout problems (loop_findings)
@@ -71,7 +74,7 @@ class Compiled:
   @property
   def total(self) -> float:
     """Bytes live at once: arguments + outputs + temporaries - what outputs alias + code."""
-    return self.argument + self.output + self.temp - self.alias + self.code
+    return self.argument + self.output + self.temp - self.alias + self.code - self.shared
 
   @property
   def peak(self) -> float:
@@ -123,6 +126,18 @@ def abstract_model(cfg, mesh, *, remat=False, attn_chunk=0, scan_layers=False,
   return graph, jax.tree.map(
       lambda v, s: v.replace(_sds(v.get_value().shape, v.get_value().dtype, s)), state, where,
       is_leaf=is_var)
+
+
+def abstract_trained(cfg, mesh, *, master: bool, remat=False, attn_chunk=0, scan_layers=False):
+  """(graph, trained, frozen) abstract params of a student in the training layout, as
+  kat_jax.lora.split gives them; `master`: the trained params as float32 master weights."""
+  graph, state = abstract_model(cfg, mesh, remat=remat, attn_chunk=attn_chunk,
+                                scan_layers=scan_layers)
+  model = nnx.merge(graph, state)
+  graph, trained, frozen = lora.split(model)
+  if master:
+    trained = jax.tree.map(lambda x: _sds(x.shape, jnp.float32, x.sharding), trained)
+  return graph, trained, frozen
 
 
 def _with_shardings(shapes, shardings, mesh):
@@ -231,6 +246,9 @@ class _Step:
   tx: object
   opt: object  # abstract optimizer state
   train_state: float  # resident during the rollout: optimizer state (+ training params)
+  frozen: object = None  # the student's params the update does not train (LoRA: the base)
+  compute_dtype: str | None = None  # master weights: the dtype the update casts them to
+  shared: bool = False  # the teacher is the LoRA student's base (config.shares_base)
 
   def rows(self, *shape):
     """The sharding of a [B, ...] input on the rollout mesh: rows over its batch axes."""
@@ -243,9 +261,11 @@ def _step(config, devices, mesh_shape, rollout_tensor) -> tuple[_Step, tuple, in
   train_mesh = sharding.make_mesh(shape, devices=devices)
   # The run's default: bf16 on accelerators, fp32 on CPU (hf.load).
   dtype = config.dtype or ("float32" if devices[0].platform == "cpu" else "bfloat16")
-  s_cfg = memory.model_config(config.student, dtype)
+  lora_cfg = config_lib.lora_config(config)
+  s_cfg = memory.model_config(config.student, dtype).replace(lora=lora_cfg)
   t_cfg = memory.model_config(config.teacher, dtype)
-  tp = sharding.resolve_rollout_tensor(
+  shared = config_lib.shares_base(config)
+  tp = 0 if shared else sharding.resolve_rollout_tensor(  # a shared base: the training layout
       m.get("rollout_tensor", 0) if rollout_tensor is None else rollout_tensor, train_mesh,
       (s_cfg, t_cfg))
   mesh, rules = train_mesh, sharding.DEFAULT_RULES
@@ -257,10 +277,15 @@ def _step(config, devices, mesh_shape, rollout_tensor) -> tuple[_Step, tuple, in
   eos = tuple(s_cfg.eos_token_ids)
   pad = s_cfg.pad_token_id if s_cfg.pad_token_id is not None else eos[0]
   scan = config.get("scan_layers", False)
-  # The training state (train layout): student params and optimizer state.
-  sgp, sp = abstract_model(s_cfg, train_mesh, remat=config.remat, attn_chunk=config.attn_chunk,
-                           scan_layers=scan, params_only=True)
-  tx = opd.make_optimizer(opd.OptimConfig(**config.optim))
+  # The training state (train layout): student params (the trained ones: all, float32 master
+  # weights of all, or a LoRA student's adapters; and the frozen rest) and optimizer state.
+  optim = opd.OptimConfig(**config.optim)
+  master = opd.uses_master(optim, dtype, lora_cfg.rank)
+  sgp, sp, frozen = abstract_trained(s_cfg, train_mesh, master=master, remat=config.remat,
+                                     attn_chunk=config.attn_chunk, scan_layers=scan)
+  # The student's params as the rollout reads them (a master's low-precision copy).
+  low = jax.tree.map(lambda x: _sds(x.shape, dtype, x.sharding), sp) if master else sp
+  tx = opd.make_optimizer(optim)
   opt = jax.tree.map(lambda x, w: _sds(x.shape, x.dtype, w), jax.eval_shape(tx.init, sp),
                      opd.optimizer_shardings(tx, sp))
   step = _Step(
@@ -269,9 +294,10 @@ def _step(config, devices, mesh_shape, rollout_tensor) -> tuple[_Step, tuple, in
       vocab, eos, pad, abstract_model(s_cfg, mesh, rules=rules),
       abstract_model(t_cfg, mesh, attn_chunk=config.attn_chunk, scan_layers=scan, rules=rules),
       (sgp, sp), tx, opt,
-      # Resident during the rollout: the optimizer state, and the training params when the
-      # rollout works on a copy of them in its own layout.
-      per_device_bytes((sp, opt) if tp else opt))
+      # Resident during the rollout: the optimizer state (and master weights), and the training
+      # params when the rollout works on a copy of them in its own layout.
+      per_device_bytes((opt, sp if master else (), (low, frozen) if tp else ())),
+      frozen, dtype if master else None, shared)
   return step, shape, tp
 
 
@@ -298,6 +324,8 @@ def _rollout_programs(st: _Step, report: Report, roofline: bool, compaction: boo
   res, exe = _compile("rollout prefill", lambda: rollout.prefill.lower(
       sg, sa, tg, ta, *prompt_args, cfg=r_cfg))
   res.resident = st.train_state
+  shared = per_device_bytes(ta) if st.shared else 0.0
+  res.shared = shared
   report.results.append(res)
   if exe is None:  # the later programs' shapes come from the prefill's
     return None
@@ -312,7 +340,7 @@ def _rollout_programs(st: _Step, report: Report, roofline: bool, compaction: boo
   refill = _sds((), jnp.int32, one) if b < report.batch else None
   res, _ = _compile(f"rollout decode loop (B={b})", lambda: rollout.decode_loop.lower(
       sg, sa, tg, ta, state, _sds((), jnp.int32, one), refill, cfg=r_cfg))
-  res.resident = st.train_state
+  res.resident, res.shared = st.train_state, shared
   if not res.error and sharding.batch_shards(mesh, st.rules) > 1:
     res.findings = loop_findings(res.hlo, b, r_cfg.window, st.vocab,
                                  (st.s_cfg.hidden_size, st.t_cfg.hidden_size),
@@ -327,6 +355,7 @@ def _rollout_programs(st: _Step, report: Report, roofline: bool, compaction: boo
       piece, _ = _compile(f"rollout decode loop (B={n})", lambda: rollout.decode_loop.lower(
           sg, sa, tg, ta, small, _sds((), jnp.int32, one), cfg=r_cfg))
       piece.resident, piece.hlo = st.train_state, ""  # the text is only read for the full batch
+      piece.shared = shared
       report.results.append(piece)
       jax.clear_caches()  # each lowering of an unrolled 8B model holds GiBs of host memory
   if roofline:  # donated state: the caches update in place, as in the loop
@@ -353,7 +382,7 @@ def _eval_program(st: _Step, report: Report) -> None:
       sg, sa, _sds((eb, p), jnp.int32, st.rows(eb, p)), _sds((eb,), jnp.int32, st.rows(eb)), key,
       max_new_tokens=e.max_new_tokens, eos_ids=st.eos, pad_id=st.pad, vocab_size=st.vocab,
       sampling=rollout.SamplingConfig(e.temperature, e.top_k, e.top_p)))
-  res.resident = st.train_state + per_device_bytes(st.teacher[1])
+  res.resident = st.train_state + (0.0 if st.shared else per_device_bytes(st.teacher[1]))
   report.results.append(res)
 
 
@@ -373,19 +402,26 @@ def _update_programs(st: _Step, report: Report, state, roofline: bool) -> None:
     return lambda: opd.update.lower(
         graph, params, t_graph, ta, st.opt, sized(_sds((b, p), jnp.int32, None)),
         sized(_sds((b,), jnp.int32, None)), jax.tree.map(sized, out), tx=st.tx, cfg=cfg_loss,
-        batch_shards=sharding.batch_shards(train_mesh))
+        batch_shards=sharding.batch_shards(train_mesh), s_frozen=frozen,
+        compute_dtype=st.compute_dtype)
 
+  frozen = st.frozen
   res, _ = _compile("update (full length)", program(b, st.loss_cfg, sgp, sp))
-  if st.loss_cfg.objective == "sampled_pg":  # the teacher is not an argument (XLA drops it)
+  if st.shared:  # the teacher's params are the student's frozen base, an argument already
+    res.shared = per_device_bytes(ta) if st.loss_cfg.objective != "sampled_pg" else 0.0
+  elif st.loss_cfg.objective == "sampled_pg":  # the teacher is not an argument (XLA drops it)
     res.resident = per_device_bytes(ta)
+  if st.compute_dtype is not None:  # the student's low-precision copy, kept for the rollout
+    res.resident += per_device_bytes(jax.tree.map(
+        lambda x: _sds(x.shape, st.compute_dtype, x.sharding), sp))
   report.results.append(res)
   if roofline:
     # One row per device, no micro-batch loop, no attention / loss chunk loops, no scan over
     # layers: every op counted once is every op run once (cost_analysis counts a loop body
     # once); the update costs batch / that many rows of it.
     n = sharding.batch_shards(train_mesh)
-    flat_g, flat_p = abstract_model(st.s_cfg, train_mesh, remat=st.config.remat,
-                                    params_only=True)
+    flat_g, flat_p, frozen = abstract_trained(st.s_cfg, train_mesh, remat=st.config.remat,
+                                              master=st.compute_dtype is not None)
     flat_t = abstract_model(st.t_cfg, st.mesh, rules=st.rules)[0]
     piece, exe = _compile("update cost", program(
         n, dataclasses.replace(st.loss_cfg, microbatches=1, chunk=0), flat_g, flat_p, flat_t))

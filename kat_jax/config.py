@@ -14,9 +14,9 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from kat_jax import evaluate, hf, kat, opd, rollout, sharding, threshold
+from kat_jax import evaluate, hf, kat, lora, opd, rollout, sharding, threshold
 from kat_jax.data import benchmarks, chat, gym, sources
-from kat_jax.models.config import ConfigError
+from kat_jax.models.config import ConfigError, LoraConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -78,7 +78,14 @@ def defaults() -> ml_collections.ConfigDict:
   # ratio_clip: sampled_pg's truncated importance sampling, min(ratio, C) (0 = off).
   # vocab_size: the models' shared vocabulary, set per run.
   c.loss = _section(opd.LossConfig, drop=("vocab_size",), temperature=0.0)
+  # master: float32 master weights of a bf16 / fp16 student ("auto") or none ("off").
   c.optim = _section(opd.OptimConfig)
+  # LoRA students (kat_jax/lora.py): adapters on a frozen base, rank 0 = full fine-tuning.
+  # targets: 'all' or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj;
+  # scale alpha / rank; init: 'kaiming' (PEFT's default) | 'gaussian'; B starts at 0 either way.
+  # A student that is the teacher's own checkpoint plus adapters shares the teacher's weights
+  # (self-distillation: the teacher is the base with the adapters off, one copy in memory).
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="all", init="kaiming"))
   # Device mesh (kat_jax.sharding): batch over data x fsdp, params FSDP over embed and tensor-
   # parallel over heads / MLP / vocab. -1 = the devices left. The same code from 1 CPU to a pod.
   # rollout_tensor: the rollout's layout (kat_jax.sharding.ROLLOUT_RULES): tensor parallelism over
@@ -304,6 +311,7 @@ def _check_dataclasses(config) -> int:
     positions = rollout_config(config, (0,), 0, 2**31 - 1).buffer_len
     threshold_config(config)
     opd.OptimConfig(**config.optim)
+    lora_config(config)
     if config.loss.temperature < 0:
       raise ConfigError(f"loss.temperature={config.loss.temperature} must be >= 0 (0 = the "
                         "sampling temperature).")
@@ -379,6 +387,20 @@ def loss_config(config, vocab_size: int):
   temperature = config.loss.temperature or (config.sampling.temperature if follow else 1.0)
   return opd.LossConfig(vocab_size=vocab_size,
                         **{**config.loss.to_dict(), "temperature": temperature})
+
+
+def lora_config(config) -> LoraConfig:
+  """The student's adapters (config.lora; rank 0 = none)."""
+  lc = config.lora
+  return LoraConfig(rank=lc.rank, alpha=float(lc.alpha), targets=lora.parse_targets(lc.targets),
+                    init=lc.init)
+
+
+def shares_base(config) -> bool:
+  """A LoRA student on the teacher's own checkpoint: the teacher is the student's base with the
+  adapters off, one copy of the weights for both (self-distillation)."""
+  return (config.lora.rank > 0
+          and Path(config.student).resolve() == Path(config.teacher).resolve())
 
 
 def kat_config(config) -> kat.KATConfig:

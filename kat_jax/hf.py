@@ -34,7 +34,8 @@ from flax import nnx
 from kat_jax import sharding as sharding_lib
 from kat_jax import safetensors_io as st
 from kat_jax.errors import CheckpointError, ConfigError
-from kat_jax.models import ModelConfig, Transformer
+from kat_jax.models import LoraConfig, ModelConfig, Transformer
+from kat_jax.models.transformer import LoRAParam, init_adapters
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
@@ -149,17 +150,21 @@ def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
-         *, compute_dtype: str | None = None, rules=sharding_lib.DEFAULT_RULES
-         ) -> tuple[Transformer, ModelConfig]:
+         *, compute_dtype: str | None = None, rules=sharding_lib.DEFAULT_RULES,
+         lora: LoraConfig | None = None, lora_seed: int = 0) -> tuple[Transformer, ModelConfig]:
   """Loads an HF Llama / Qwen2 / Qwen3 directory as a kat_jax `Transformer`.
 
   dtype: param dtype in memory (default: float32 on CPU, bfloat16 on accelerators);
   compute_dtype: activation dtype (default: = dtype). With `mesh`, each tensor is placed straight
   on its NamedSharding from the params' logical axes and `rules`.
+  lora: adapters to add on the loaded base (kat_jax/lora.py), freshly initialised from
+  `lora_seed` (B = 0: the model computes what the base does).
   """
   path = Path(path)
   dtype = dtype or default_dtype()
   cfg = read_config(path, param_dtype=dtype, dtype=compute_dtype or dtype)
+  if lora is not None and lora.rank:
+    cfg = cfg.replace(lora=lora)
   infos = st.index_checkpoint(path)
 
   table = param_map(cfg)
@@ -178,7 +183,8 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.M
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, abs_state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(abs_state))
-  assert set(flat) == set(table), "kat_jax param map out of sync with the model"
+  adapters = {p for p, v in flat.items() if isinstance(v, LoRAParam)}
+  assert set(flat) - adapters == set(table), "kat_jax param map out of sync with the model"
 
   values = {}
   for our_path, (hf_name, kind) in table.items():
@@ -197,6 +203,12 @@ def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.M
       values[our_path] = jax.make_array_from_callback(shape, target, lambda idx, x=x: x[idx])
     else:
       values[our_path] = jax.device_put(x, jax.devices()[0])
+  if adapters:
+    where = None if mesh is None else {
+        p: sharding_lib.named_sharding(flat[p].get_metadata().get("out_sharding"),
+                                       tuple(flat[p].get_value().shape), mesh, rules)
+        for p in adapters}
+    values.update(init_adapters(cfg, lora_seed, where))
   state = nnx.from_flat_state([(p, flat[p].replace(values[p])) for p in flat])
   model = nnx.merge(graphdef, state)
   if mesh is not None:
@@ -236,6 +248,9 @@ def save(model: Transformer, config: ModelConfig, out_dir: str | os.PathLike,
     if getattr(model.cfg, f) != getattr(config, f):
       raise ConfigError(f"save: config.{f}={getattr(config, f)!r} but the model has "
                         f"{getattr(model.cfg, f)!r}; pass the config the model was built with.")
+  if model.cfg.lora.rank:  # the weights alone would silently drop the adapters
+    raise ConfigError("save: the model has LoRA adapters; write kat_jax.lora.save_merged (merged "
+                      "weights) or kat_jax.lora.save_peft (the adapters) instead.")
   if not overwrite:
     check_new_directory(out_dir, "pass overwrite=True to replace it")
   tok_files = []

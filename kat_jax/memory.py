@@ -9,8 +9,9 @@ Every item is bytes per device on a (data, fsdp, tensor) mesh:
   params        student + teacher, each tensor divided by the mesh axes its logical names map to
                 (kat_jax.sharding rules; exact, from the abstract model);
   optimizer     AdamW's two moments (shaped and sharded like the student's params), plus an fp32
-                gradient sum with optim.accumulation_steps > 1;
-  gradients     one student-sized tree, alive during the update;
+                gradient sum with optim.accumulation_steps > 1; a LoRA student's: of its fp32
+                adapters only; with master weights (optim.master): fp32, plus the master copy;
+  gradients     one tree shaped like the trained params, alive during the update;
   kv caches     both models, [slots/(data*groups), kv_heads/tensor, prompt + max_new_tokens,
                 head_dim], slots = rollout.slots or the batch B
                 in the rollout's layout (kat_jax.sharding.ROLLOUT_RULES: tensor-parallel groups,
@@ -24,7 +25,8 @@ Every item is bytes per device on a (data, fsdp, tensor) mesh:
                 analysis (tests check the plan stays within 20% of it on small configs);
   LM head       with FSDP (embed sharded), the update gathers the [V, E] head / embedding to
                 every device (one compute-dtype copy alive at a time) and forms its full fp32
-                gradient before reduce-scattering it: V x E x (compute bytes + 4), read off
+                gradient before reduce-scattering it (not for a LoRA student, whose head is
+                frozen): V x E x (compute bytes + 4), read off
                 XLA:TPU's memory report of Qwen3-1.7B on v5e:4x4 (1.16 GiB f32 + 0.58 GiB bf16
                 of its 3.9 GiB of temporaries);
   stacked layers with scan_layers, the scan's [L, ...] copy of the layer params and its gradient.
@@ -43,9 +45,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from kat_jax import config as config_lib
 from kat_jax.configfile import load_config
+from kat_jax.opd import OptimConfig, uses_master
 from kat_jax.hf import read_config
 from kat_jax.models import ConfigError, ModelConfig, Transformer
+from kat_jax.models.transformer import LoRAParam
 from kat_jax.sharding import DEFAULT_RULES, ROLLOUT_RULES, logical_to_spec, rollout_tensor
 
 # Copies kept by the update's backward, fitted on XLA's memory analysis (see module docstring).
@@ -96,25 +101,28 @@ def _param_shapes(cfg: ModelConfig) -> tuple:
   for path, var in nnx.to_flat_state(nnx.state(abstract)):
     shape = var.get_value().shape
     out.append((shape, var.get_metadata().get("out_sharding") or (None,) * len(shape),
-                path[0] == "layers"))
+                path[0] == "layers", isinstance(var, LoRAParam)))
   return tuple(out)
 
 
 def param_bytes(cfg: ModelConfig, mesh_shape, dtype_bytes: int, rules=DEFAULT_RULES,
-                layers_only: bool = False) -> float:
+                layers_only: bool = False, part: str = "all") -> float:
   """Per-device bytes of a model's params on the mesh (exact: logical names of each tensor);
-  layers_only: the blocks' params alone (what a scan over layers stacks)."""
+  layers_only: the blocks' params alone (what a scan over layers stacks). part: 'all', 'base'
+  (without LoRA adapters) or 'lora' (the adapters alone). Adapters are float32 whatever
+  `dtype_bytes` (kat_jax/lora.py)."""
   mesh = _fake_mesh(mesh_shape)
   total = 0.0
-  for shape, names, in_block in _param_shapes(cfg):
-    if layers_only and not in_block:
+  for shape, names, in_block, adapter in _param_shapes(cfg):
+    if (layers_only and not in_block) or (part == "base" and adapter) or (
+        part == "lora" and not adapter):
       continue
     spec = logical_to_spec(names, shape, mesh, rules)
     shards = 1
     for axes in spec:
       for a in (axes,) if isinstance(axes, str) else (axes or ()):
         shards *= mesh.shape[a]
-    total += np.prod(shape) * dtype_bytes / shards
+    total += np.prod(shape) * (4 if adapter else dtype_bytes) / shards
   return float(total)
 
 
@@ -139,11 +147,15 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
          remat: bool = False, microbatches: int = 1, loss_chunk: int = 0, attn_chunk: int = 0,
          accumulation_steps: int = 1, rollout_tensor_parallel: int = 0,
          scan_layers: bool = False, device_memory: float | None = None,
-         slots: int = 0) -> Plan:
+         slots: int = 0, master: bool = False, shared_base: bool = False) -> Plan:
   """rollout_tensor_parallel: the rollout's tensor-parallel degree (resolved, as
   sharding.resolve_rollout_tensor gives it); 0 = the rollout in the training layout.
   slots: the rollout's decode rows (rollout.slots; 0 = batch): the KV caches and the loop's
-  buffers hold `slots` rows, the finished rollouts wait in [batch, T] result buffers."""
+  buffers hold `slots` rows, the finished rollouts wait in [batch, T] result buffers.
+  A student with LoRA adapters (student.lora.rank) trains them alone: its optimizer state and
+  gradients are adapter-sized (float32). master: float32 master weights of the student's params
+  (optim.master), with float32 moments and gradients. shared_base: the teacher is the LoRA
+  student's own base (self-distillation), no second copy."""
   data, fsdp, tensor = mesh_shape
   b = batch / (data * fsdp)  # rows per device in the update
   tp = rollout_tensor_parallel if rollout_tensor_parallel > 1 else 0
@@ -156,11 +168,21 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
   items["student params"] = param_bytes(student, mesh_shape, param_bytes_s)
   if tp:  # a copy in the rollout's layout, alive during the rollout only
     items["student params (rollout copy)"] = param_bytes(student, r_shape, param_bytes_s, r_rules)
-  items["teacher params"] = param_bytes(teacher, r_shape, param_bytes_t, r_rules)
-  items["optimizer (AdamW)"] = 2 * items["student params"]
+  # The trained params: a LoRA student's float32 adapters, else all of the student's params (in
+  # float32 when master weights are kept: the master, its moments and its gradient).
+  if student.lora.rank:
+    trained = param_bytes(student, mesh_shape, param_bytes_s, part="lora")
+  else:
+    trained = items["student params"] * (4 / param_bytes_s if master else 1)
+  if master and not student.lora.rank:
+    items["master weights (fp32)"] = trained
+  items["teacher params"] = (0.0 if shared_base
+                             else param_bytes(teacher, r_shape, param_bytes_t, r_rules))
+  items["optimizer (AdamW)"] = 2 * trained
   if accumulation_steps > 1:  # opd.token_weighted_accumulation: an fp32 gradient sum
-    items["optimizer (AdamW)"] += items["student params"] * 4 / param_bytes_s
-  items["gradients"] = items["student params"]
+    items["optimizer (AdamW)"] += trained * 4 / (4 if master or student.lora.rank
+                                                 else param_bytes_s)
+  items["gradients"] = trained
   for name, c in (("student", student), ("teacher", teacher)):
     items[f"{name} kv cache"] = (c.num_layers * 2 * b_r * _split(c.num_kv_heads, r_shape[2])
                                  * s_len * c.head_dim * compute_bytes)
@@ -191,16 +213,21 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
   # Micro-batches run one after another: one chunk's activations live at a time (each chunk's
   # gradient is added into the running sum in place).
   items["activations (update)"] = (layers + logits) / microbatches
+  frozen_head = bool(student.lora.rank)  # a LoRA student's head gets no gradient
   if fsdp > 1 and e % fsdp == 0:  # see the module docstring (LM head)
-    items["LM head gathered (update)"] = _split(c.vocab_size, tensor) * e * (compute_bytes + 4)
-  if scan_layers:  # the stacked block params and their gradient
-    items["stacked layers (scan)"] = 2 * param_bytes(student, mesh_shape, param_bytes_s,
-                                                     layers_only=True)
+    items["LM head gathered (update)"] = _split(c.vocab_size, tensor) * e * (
+        compute_bytes + (0 if frozen_head else 4))
+  if scan_layers:  # the stacked block params and their gradient (a LoRA student's: adapters')
+    stacked = param_bytes(student, mesh_shape, param_bytes_s, layers_only=True)
+    items["stacked layers (scan)"] = stacked + (
+        param_bytes(student, mesh_shape, param_bytes_s, layers_only=True, part="lora")
+        if student.lora.rank else stacked)
     if objective != "sampled_pg":  # the teacher's scoring forward stacks its blocks too
       items["stacked layers (scan)"] += param_bytes(teacher, r_shape, param_bytes_t, r_rules,
                                                     layers_only=True)
   batch_in = b * (prompt_len + 10 * t) * 4  # prompts and the rollout's per-token outputs
-  resident = items["student params"] + items["teacher params"] + items["optimizer (AdamW)"]
+  resident = (items["student params"] + items["teacher params"] + items["optimizer (AdamW)"]
+              + items.get("master weights (fp32)", 0.0))
   rollout_phase = (items["student kv cache"] + items["teacher kv cache"] + items["rollout buffers"]
                    + items.get("student params (rollout copy)", 0.0))
   update_phase = (items["gradients"] + items["activations (update)"] + batch_in
@@ -237,6 +264,10 @@ KNOWN = {
                      intermediate_size=9728, tie_embeddings=True),
     "Qwen3-8B": dict(hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8,
                      intermediate_size=12288, tie_embeddings=False),
+    "Qwen3-14B": dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8,
+                      intermediate_size=17408, tie_embeddings=False),
+    "Qwen3-32B": dict(hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8,
+                      intermediate_size=25600, tie_embeddings=False),
 }
 
 
@@ -255,7 +286,8 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
   """The plan of a training config (reads both models' config.json only, or KNOWN)."""
   dtype = config.dtype or ("bfloat16" if accelerator else "float32")
   nbytes = 2 if dtype in ("bfloat16", "float16") else 4
-  s = model_config(config.student, dtype)
+  lora = config_lib.lora_config(config)
+  s = model_config(config.student, dtype).replace(lora=lora)
   t = model_config(config.teacher, dtype)
   # Auto (0) is 1 on accelerators; on CPU the update picks its chunks from each step's trimmed,
   # bucketed shapes, which can hold more tokens than a chunk of the full length would -- so the
@@ -263,7 +295,9 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
   microbatches = config.loss.microbatches or 1
   n = int(np.prod(mesh_shape))
   tp = config.mesh.get("rollout_tensor", 0)
-  tp = 0 if tp == -1 else (tp or rollout_tensor(n, mesh_shape[0], (s, t)))
+  # A self-distilled teacher shares the student's base: both stay in the training layout.
+  tp = 0 if tp == -1 or config_lib.shares_base(config) else (
+      tp or rollout_tensor(n, mesh_shape[0], (s, t)))
   return plan(s, t, mesh_shape, batch=config.prompts_per_step * config.samples_per_prompt,
               prompt_len=config.max_prompt_len, max_new_tokens=config.max_new_tokens,
               window=config.kat.window, vocab=min(s.vocab_size, t.vocab_size),
@@ -273,7 +307,9 @@ def for_config(config, mesh_shape, device_memory: float | None, accelerator: boo
               attn_chunk=config.attn_chunk,
               accumulation_steps=config.optim.accumulation_steps, rollout_tensor_parallel=tp,
               scan_layers=config.get("scan_layers", False), device_memory=device_memory,
-              slots=config.rollout.slots)
+              slots=config.rollout.slots,
+              master=uses_master(OptimConfig(**config.optim), dtype, lora.rank),
+              shared_base=config_lib.shares_base(config))
 
 
 def plans(config, n_devices: int, device_memory: float | None, accelerator: bool):

@@ -45,8 +45,17 @@ class OptimConfig:
   b2: float = 0.999
   clip_norm: float = 1.0  # global-norm clipping; 0 = off
   accumulation_steps: int = 1  # k training steps per optimizer update, token-weighted
+  # Mixed precision: 'auto' keeps a float32 master copy of the trained params (and float32
+  # optimizer moments) when the student's params are bf16 / fp16 and fully trained; the rollout
+  # and the forward / backward use the low-precision params, each update applies to the master
+  # and re-casts (float32 params and LoRA's float32 adapters need no copy). 'off' updates the
+  # low-precision params directly: an update below half a bf16 ulp of a weight is lost.
+  master: str = "auto"
 
   def __post_init__(self):
+    if self.master not in ("auto", "off"):
+      raise ConfigError(f"optim.master={self.master!r}; use 'auto' (float32 master weights for a "
+                        "bf16 / fp16 student) or 'off'.")
     if self.schedule not in ("constant", "cosine"):
       raise ConfigError(f"optim.schedule={self.schedule!r}; use 'constant' or 'cosine'.")
     if self.learning_rate <= 0 or self.accumulation_steps < 1:
@@ -63,6 +72,12 @@ def learning_rate(cfg: OptimConfig):
                                               max(cfg.total_steps, cfg.warmup_steps + 1))
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
                                optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+
+
+def uses_master(cfg: OptimConfig, param_dtype: str, lora_rank: int = 0) -> bool:
+  """Whether the run keeps float32 master weights (OptimConfig.master) for these params."""
+  # A LoRA student's trained params, its adapters, are float32 already: no second copy.
+  return cfg.master != "off" and lora_rank == 0 and param_dtype in ("bfloat16", "float16")
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
@@ -250,9 +265,16 @@ def training_batch(prompt_BxP, start_B, result: RolloutResult):
   return seq, jnp.concatenate([in_prompt, in_gen], axis=1)
 
 
-def _loss(s_params, s_graph, t_model, prompt_BxP, start_B, result: RolloutResult,
-          cfg: LossConfig, num_tokens):
-  student = nnx.merge(s_graph, s_params)
+def _cast(tree, dtype):
+  return tree if dtype is None else jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def _loss(s_params, s_graph, s_frozen, t_model, prompt_BxP, start_B, result: RolloutResult,
+          cfg: LossConfig, num_tokens, compute_dtype=None):
+  # Master weights: the forward runs on the params cast to the student's dtype; the gradient
+  # flows back through the cast to the float32 master.
+  merge = lambda p: nnx.merge(s_graph, _cast(p, compute_dtype), *s_frozen)  # noqa: E731
+  student = merge(s_params)
   seq, attn = training_batch(prompt_BxP, start_B, result)
   p = prompt_BxP.shape[1]
   v = cfg.vocab_size or student.cfg.vocab_size
@@ -265,7 +287,7 @@ def _loss(s_params, s_graph, t_model, prompt_BxP, start_B, result: RolloutResult
                result.logp_student_BxT, result.logp_teacher_BxT, result.logp_behavior_BxT)
 
   def head_loss(s_params, s_hidden, t_hidden, mask, weight, tokens, lp_s, lp_t, lp_b):
-    s_logits = nnx.merge(s_graph, s_params).logits(s_hidden)[..., :v]
+    s_logits = merge(s_params).logits(s_hidden)[..., :v]
     t_logits = None if t_hidden is None else jax.lax.stop_gradient(
         t_model.logits(t_hidden)[..., :v])
     return losses.opd_loss(cfg.objective, s_logits, mask, tokens_BxT=tokens, logp_student_BxT=lp_s,
@@ -295,17 +317,22 @@ def _loss(s_params, s_graph, t_model, prompt_BxP, start_B, result: RolloutResult
   return jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("s_graph", "t_graph", "tx", "cfg", "batch_shards"),
+@functools.partial(jax.jit, static_argnames=("s_graph", "t_graph", "tx", "cfg", "batch_shards",
+                                             "compute_dtype"),
                    donate_argnames=("s_params", "opt_state"))
 def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
            result: RolloutResult, *, tx: optax.GradientTransformation, cfg: LossConfig,
-           batch_shards: int = 1):
+           batch_shards: int = 1, s_frozen=None, compute_dtype: str | None = None):
   """Returns (new params, new optimizer state, metrics); skips the update if non-finite
   (`skipped`) or if no token is trained (`empty`).
 
+  s_params are the params trained (kat_jax.lora.split: all of them, or a LoRA student's
+  adapters) and s_frozen the rest of the student (read, never differentiated or changed).
+  compute_dtype: s_params are float32 master weights; the forward casts them to this dtype.
   batch_shards: how many ways the batch is split over the mesh (data x fsdp), so that each row
   chunk of `cfg.microbatches` takes rows from every shard.
   """
+  frozen = () if s_frozen is None else (s_frozen,)
   teacher = nnx.merge(t_graph, t_params)
   num_tokens = jnp.sum(result.loss_mask_BxT)
   grad_fn = jax.value_and_grad(_loss)
@@ -313,7 +340,8 @@ def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
   m = resolve_microbatches(cfg.microbatches, b, prompt_BxP.shape[1] + result.tokens_BxT.shape[1],
                            batch_shards)
   if m == 1:
-    loss, grads = grad_fn(s_params, s_graph, teacher, prompt_BxP, start_B, result, cfg, num_tokens)
+    loss, grads = grad_fn(s_params, s_graph, frozen, teacher, prompt_BxP, start_B, result, cfg,
+                          num_tokens, compute_dtype)
   else:
     # Every chunk's loss is already normalised by the whole batch's trained tokens, so the sums
     # over chunks are exactly the full-batch loss and gradient.
@@ -327,7 +355,7 @@ def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
 
     def body(carry, chunk):
       loss_sum, grad_sum = carry
-      l, g = grad_fn(s_params, s_graph, teacher, *chunk, cfg, num_tokens)
+      l, g = grad_fn(s_params, s_graph, frozen, teacher, *chunk, cfg, num_tokens, compute_dtype)
       return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
 
     zeros = jax.tree.map(jnp.zeros_like, s_params)

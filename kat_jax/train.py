@@ -10,6 +10,7 @@ the last good checkpoint is never overwritten.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -21,9 +22,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from kat_jax import evaluate as evaluate_lib
-from kat_jax import aot, hf, kat, memory, metrics, opd, rollout, sharding, threshold
+from kat_jax import aot, hf, kat, lora, memory, metrics, opd, rollout, sharding, threshold
 from kat_jax import report as dashboard
-from kat_jax.config import eval_config, loss_config, rollout_config, threshold_config
+from kat_jax.config import (eval_config, loss_config, lora_config, rollout_config, shares_base,
+                             threshold_config)
 from kat_jax.data import benchmarks as bench_lib
 from kat_jax.data import sources
 from kat_jax.errors import ConfigError, TrainingStopped
@@ -57,6 +59,9 @@ class Run:
   # kat.mode='random': the cut lengths to draw from, converted once (a KAT run's cut lengths can
   # be tens of thousands of entries).
   random_lengths: jax.Array
+  # float32 master weights of the trained params (optim.master): the compute dtype the update
+  # casts them to, or None (the student's own params are updated).
+  master_dtype: str | None = None
 
 
 def _compile_check(config, shape, device_memory) -> None:
@@ -98,19 +103,29 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
   # The rollout's tensor-parallel layout, from the models' config.json (no weights read yet).
   cfgs = [hf.read_config(config.student)] + ([hf.read_config(config.teacher)]
                                              if with_teacher else [])
-  tp = sharding.resolve_rollout_tensor(config.mesh.rollout_tensor, mesh, cfgs)
+  # A self-distilled teacher is the student's own base: both stay in the training layout.
+  tp = 0 if shares_base(config) else sharding.resolve_rollout_tensor(
+      config.mesh.rollout_tensor, mesh, cfgs)
   r_mesh, r_rules = ((sharding.rollout_mesh(mesh, tp), sharding.ROLLOUT_RULES) if tp > 1
                      else (mesh, sharding.DEFAULT_RULES))
   # Each tensor goes straight to its place on the mesh. The teacher holds params only (no
   # optimizer state, nothing kept for a backward pass) in the rollout's layout, which also
   # serves its scoring in the update.
-  student, s_cfg = hf.load(config.student, dtype=dtype, mesh=mesh)
+  lora_cfg = lora_config(config)
+  student, s_cfg = hf.load(config.student, dtype=dtype, mesh=mesh, lora=lora_cfg,
+                           lora_seed=config.seed)
   student.remat, student.attn_chunk = config.remat, config.attn_chunk
   student.scan_layers = config.scan_layers
   tokenizer = _tokenizer(Path(config.student))
-  if with_teacher:
+  if with_teacher and shares_base(config):
+    # Self-distillation: the teacher is the student's frozen base with the adapters off -- the
+    # same arrays, one copy in memory (in the training layout, where the student lives).
+    teacher = lora.base_view(student)
+    teacher.remat = False
+  elif with_teacher:
     teacher, _ = hf.load(config.teacher, dtype=dtype, mesh=r_mesh, rules=r_rules)
     teacher.attn_chunk, teacher.scan_layers = config.attn_chunk, config.scan_layers
+  if with_teacher:
     vocab_size, eos_ids = compat.vocab_size, compat.eos_token_ids
   else:
     # Sample only ids the tokenizer has (checkpoints often pad the embedding past it).
@@ -140,6 +155,8 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
       benchmarks=benches,
       eval_cfg=eval_config(config), mesh=mesh, rollout_mesh=r_mesh, rollout_rules=r_rules,
       tx=opd.make_optimizer(opd.OptimConfig(**config.optim)),
+      master_dtype=(student.cfg.param_dtype if opd.uses_master(
+          opd.OptimConfig(**config.optim), student.cfg.param_dtype, lora_cfg.rank) else None),
       loss_cfg=loss_config(config, vocab_size),
       rollout_cfg=rollout_config(config, eos_ids, pad_id, vocab_size),
       threshold_cfg=threshold_config(config),
@@ -181,8 +198,32 @@ def evaluate(run: Run, key) -> dict:
                                vocab_size=run.vocab_size, seed=run.config.seed)
 
 
-def _state_tree(run: Run, opt_state, th_state):
-  return dict(params=nnx.state(run.student, nnx.Param), opt_state=opt_state, threshold=th_state)
+def trained_params(run: Run, master=None):
+  """What the optimizer updates and a checkpoint holds: the float32 master weights when the run
+  keeps them, else the student's trained params (all of them, or a LoRA student's adapters)."""
+  return master if master is not None else nnx.state(run.student, lora.trainable(run.student.cfg))
+
+
+def init_master(run: Run):
+  """A float32 copy of the student's trained params (optim.master), or None."""
+  if run.master_dtype is None:
+    return None
+  return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p))(
+      nnx.state(run.student, lora.trainable(run.student.cfg)))
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _cast(tree, dtype: str):
+  return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def _state_tree(run: Run, opt_state, th_state, master=None):
+  return dict(params=trained_params(run, master), opt_state=opt_state, threshold=th_state)
+
+
+def _checkpoint_meta(config) -> dict:
+  """What a checkpoint's params are (checked on resume before anything loads)."""
+  return {"lora": {k: config.lora[k] for k in ("rank", "alpha", "targets")}}
 
 
 def _manager(run: Run, create: bool = True):
@@ -195,9 +236,11 @@ def _checkpoints(workdir, keep: int, create: bool = True) -> ocp.CheckpointManag
                                                                     create=create))
 
 
-def check_resume(config, workdir) -> int | None:
+def check_resume(config, workdir, data: bool = True) -> int | None:
   """The step a run in `workdir` resumes from (None: a fresh run), checked against the config
-  before anything loads: the data stream must continue where the checkpoint left it."""
+  before anything loads: the checkpoint's params must be what config.lora says (full params or
+  adapters of that shape), and (`data`, training) the data stream must continue where the
+  checkpoint left it."""
   ckpts = Path(workdir) / "checkpoints"
   if not ckpts.is_dir():
     return None
@@ -206,8 +249,16 @@ def check_resume(config, workdir) -> int | None:
   if step is None:
     return None
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  # Checkpoints from before LoRA hold full params: rank 0.
+  saved = meta.get("lora", {"rank": 0})
+  want = _checkpoint_meta(config)["lora"]
+  if saved.get("rank", 0) != want["rank"] or (want["rank"] and saved != want):
+    raise ConfigError(
+        f"config.lora={want}: the checkpoint at step {step} in {ckpts} was written with lora="
+        f"{saved} (its params are {'adapters of that shape' if saved.get('rank') else 'full'}); "
+        "resume with the same config.lora, or start a new --workdir.")
   position = meta.get("data_position")
-  if position is not None and position != step * config.prompts_per_step:
+  if data and position is not None and position != step * config.prompts_per_step:
     raise ConfigError(
         f"config.prompts_per_step={config.prompts_per_step}: the checkpoint at step {step} in "
         f"{ckpts} has consumed {position} prompts ({position // max(step, 1)} per step); "
@@ -216,35 +267,48 @@ def check_resume(config, workdir) -> int | None:
   return step
 
 
-def _restore(run: Run, manager, step, opt_state, th_state):
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(run, opt_state, th_state))
+def _restore(run: Run, manager, step, opt_state, th_state, master=None):
+  """(opt_state, threshold state, master or None, meta) of checkpoint `step`; the student's
+  params (the cast of a master) are updated in place."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          _state_tree(run, opt_state, th_state, master))
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-  nnx.update(run.student, restored["state"]["params"])
-  return restored["state"]["opt_state"], restored["state"]["threshold"], restored["meta"]
+  params = restored["state"]["params"]
+  if master is not None:
+    nnx.update(run.student, _cast(params, run.master_dtype))
+  else:
+    nnx.update(run.student, params)
+  return (restored["state"]["opt_state"], restored["state"]["threshold"],
+          params if master is not None else None, restored["meta"])
 
 
-def _load_latest(config, workdir) -> tuple[Run, int | None]:
-  """The student (no teacher) with its params from the latest checkpoint in workdir (if any)."""
+def _load_latest(config, workdir) -> tuple[Run, int | None, object]:
+  """The student (no teacher) with its params from the latest checkpoint in workdir (if any),
+  and the checkpoint's float32 master weights (None if the run keeps none)."""
   run = setup(config, workdir, with_teacher=False)
   if not (run.workdir / "checkpoints").is_dir():
-    return run, None
+    return run, None, None
   manager = _manager(run, create=False)
   step = manager.latest_step()
   if step is not None:
-    _, s_params = nnx.split(run.student, nnx.Param)
-    _restore(run, manager, step, opd.init_optimizer(run.tx, s_params),
-             sharding.onto_mesh(threshold.init(), run.mesh))
-  return run, step
+    master = init_master(run)
+    *_, master, _ = _restore(run, manager, step,
+                             opd.init_optimizer(run.tx, trained_params(run, master)),
+                             sharding.onto_mesh(threshold.init(), run.mesh), master)
+  else:
+    master = None
+  return run, step, master
 
 
 def export(config, workdir) -> Path:
   """mode=export: the latest checkpoint's student as a Hugging Face directory, DIR/export."""
-  run, step = _load_latest(config, workdir)
+  check_resume(config, workdir, data=False)  # a checkpoint of other adapters: a clear error
+  run, step, master = _load_latest(config, workdir)
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}; train first "
                             "(mode=train) with the same --workdir.")
-  out = _export(run, run.workdir / "export")
+  out = _export(run, run.workdir / "export", master)
   if _main_process():
     print(f"exported step {step} to {out}")
   return out
@@ -253,7 +317,8 @@ def export(config, workdir) -> Path:
 def evaluate_mode(config, workdir) -> dict:
   """mode=eval: the latest checkpoint in workdir (or the HF directory config.student if there is
   none) on config.eval.benchmarks; writes DIR/eval.json and prints the table."""
-  run, step = _load_latest(config, workdir)
+  check_resume(config, workdir, data=False)
+  run, step, _ = _load_latest(config, workdir)
   report = evaluate(run, jax.random.fold_in(jax.random.key(config.seed), 2**31))
   report = dict(model=config.student if step is None else str(run.workdir / "checkpoints"),
                 step=step, **report)
@@ -272,6 +337,7 @@ class TrainState:
   opt_state: object
   th_state: object  # kat_jax.threshold.ThresholdState: the adaptive tau's statistics
   skips: int = 0  # consecutive non-finite (skipped) updates
+  master: object = None  # float32 master weights of the trained params (optim.master), or None
 
 
 def _rows_to(run: Run, mesh, rules):
@@ -298,7 +364,7 @@ def train_step(run: Run, state: TrainState, step: int, key):
     tau = jnp.float32(kat.horizon_at(step, run.rollout_cfg.kat, config.max_new_tokens))
   else:
     tau = threshold.tau(state.th_state, step, run.threshold_cfg)
-  s_graph, s_now = nnx.split(run.student, nnx.Param)
+  s_graph, s_now, s_frozen = lora.split(run.student)
   t_graph, t_params = nnx.split(run.teacher)
   # Rollouts KAT never stops, so the adaptive tau sees uncensored windows (kat_jax/threshold.py).
   probes = threshold.num_probes(per_step, run.threshold_cfg, config.kat.mode)
@@ -315,17 +381,25 @@ def train_step(run: Run, state: TrainState, step: int, key):
     result = rollout.apply_random_truncation(result, jax.random.fold_in(step_key, 1),
                                              run.random_lengths)
   new_params, opt_state, m = opd.update(
-      s_graph, s_now, t_graph, t_params, state.opt_state, prompt, start,
-      opd.trim(result, config.kat.window, config.loss.chunk) if config.loss.trim else result,
-      tx=run.tx, cfg=run.loss_cfg, batch_shards=sharding.batch_shards(run.mesh))
-  nnx.update(run.student, new_params)
+      s_graph, trained_params(run, state.master), t_graph, t_params, state.opt_state, prompt,
+      start, opd.trim(result, config.kat.window, config.loss.chunk) if config.loss.trim else result,
+      tx=run.tx, cfg=run.loss_cfg, batch_shards=sharding.batch_shards(run.mesh),
+      s_frozen=s_frozen, compute_dtype=run.master_dtype)
+  del s_now  # the student's trained params, replaced below (donated when they are the ones updated)
+  master = None
+  if run.master_dtype is not None:  # the rollout and the forward use the low-precision copy
+    master = new_params
+    nnx.update(run.student, _cast(new_params, run.master_dtype))
+  else:
+    nnx.update(run.student, new_params)
   # A skipped (non-finite) update's rollout does not feed the threshold either.
   th_state, th_m = threshold.observe(state.th_state, result.windows(config.kat.window),
                                      run.threshold_cfg, accept=~m["skipped"])
   res = sharding.to_host(result)  # gathered across processes on a multi-host mesh
   m = {k: float(v) for k, v in sharding.to_host({**m, **th_m}).items()}
   skips = state.skips + 1 if m["skipped"] else 0
-  return TrainState(opt_state, th_state, skips), res, m, float(sharding.to_host(tau)), rows
+  return (TrainState(opt_state, th_state, skips, master), res, m, float(sharding.to_host(tau)),
+          rows)
 
 
 def train(config, workdir) -> dict:
@@ -339,17 +413,18 @@ def train(config, workdir) -> dict:
     (run.workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   # Optimizer moments follow the params' shardings; scalars (step counts, the KAT threshold)
   # are replicated over the mesh, and checkpoints restore them that way.
-  opt_state = opd.init_optimizer(run.tx, nnx.split(run.student, nnx.Param)[1])
+  master = init_master(run)
+  opt_state = opd.init_optimizer(run.tx, trained_params(run, master))
   th_state = sharding.onto_mesh(threshold.init(), run.mesh)
   manager = _manager(run)
   start_step, meta = 0, {"consecutive_skips": 0}
   latest = manager.latest_step()
   if latest is not None:
-    opt_state, th_state, meta = _restore(run, manager, latest, opt_state, th_state)
+    opt_state, th_state, master, meta = _restore(run, manager, latest, opt_state, th_state, master)
     start_step = latest
     if main:
       print(f"resumed from {run.workdir / 'checkpoints'} at step {latest}", flush=True)
-  state = TrainState(opt_state, th_state, int(meta.get("consecutive_skips", 0)))
+  state = TrainState(opt_state, th_state, int(meta.get("consecutive_skips", 0)), master)
 
   key = jax.random.key(config.seed)
   logger = metrics.Logger(run.workdir, main, config.log_rollouts, config.log_samples > 0)
@@ -388,9 +463,11 @@ def train(config, workdir) -> dict:
                            trap=f"{rec['trap_rate']:.2f}", tau=f"{rec['tau']:.3g}")
     if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
       manager.save(step + 1, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(_state_tree(run, state.opt_state, state.th_state)),
+          state=ocp.args.StandardSave(_state_tree(run, state.opt_state, state.th_state,
+                                                  state.master)),
           meta=ocp.args.JsonSave({"consecutive_skips": state.skips,
-                                  "data_position": (step + 1) * config.prompts_per_step})))
+                                  "data_position": (step + 1) * config.prompts_per_step,
+                                  **_checkpoint_meta(config)})))
   manager.wait_until_finished()
   if progress:
     progress.close()
@@ -404,8 +481,10 @@ def train(config, workdir) -> dict:
       (run.workdir / name).write_text(json.dumps(report, indent=2) + "\n")
   summary = totals.summary(config.steps, run.eval_cfg.k, before, after)
   if config.export:
-    _export(run, run.workdir / "export")
+    _export(run, run.workdir / "export", state.master)
     summary["export"] = str(run.workdir / "export")
+    if run.student.cfg.lora.rank:
+      summary["export_adapter"] = str(run.workdir / "export_adapter")
   if main:
     (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     metrics.print_table(summary, start_step)
@@ -413,10 +492,20 @@ def train(config, workdir) -> dict:
   return summary
 
 
-def _export(run: Run, out: Path) -> Path:
-  """The student as an HF directory; params are gathered from every process, process 0 writes."""
+def _export(run: Run, out: Path, master=None) -> Path:
+  """The student as an HF directory; params are gathered from every process, process 0 writes.
+
+  A LoRA student: `out` holds the merged weights, and `out`_adapter the PEFT adapter directory
+  (kat_jax/lora.py). With master weights, the export is made from the float32 master (cast to
+  the checkpoint's dtype once, not twice)."""
+  if master is not None:
+    nnx.update(run.student, master)
   state = sharding.to_host(nnx.state(run.student))
   if _main_process():
     nnx.update(run.student, state)
-    hf.save(run.student, run.s_cfg, out, tokenizer_dir=run.config.student, overwrite=True)
+    lora.save_merged(run.student, run.s_cfg, out, tokenizer_dir=run.config.student,
+                     overwrite=True)
+    if run.student.cfg.lora.rank:
+      lora.save_peft(run.student, out.with_name(out.name + "_adapter"),
+                     base_model=Path(run.config.student).resolve())
   return out

@@ -1,6 +1,6 @@
 """Decoder-only transformers (Llama / Qwen2 / Qwen3) in Flax NNX."""
 
-from kat_jax.models.config import ConfigError, ModelConfig, rope_inv_freq
+from kat_jax.models.config import ConfigError, LoraConfig, ModelConfig, rope_inv_freq
 from kat_jax.models.transformer import KVCache, Transformer
 
-__all__ = ["ConfigError", "KVCache", "ModelConfig", "Transformer", "rope_inv_freq"]
+__all__ = ["ConfigError", "KVCache", "LoraConfig", "ModelConfig", "Transformer", "rope_inv_freq"]

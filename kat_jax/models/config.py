@@ -36,6 +36,44 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+# The projections a LoRA adapter can sit on (PEFT's `target_modules` names for these families).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_INITS = ("kaiming", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on a frozen base (kat_jax/lora.py): W x + (alpha / rank) B A x.
+
+  rank 0 = no adapters. init: the adapters' A as PEFT's default (`kaiming`: Kaiming-uniform with
+  a = sqrt(5), the torch Linear init) or `gaussian` (normal, std 1 / rank); B is zero either way,
+  so the adapted model starts equal to the base. Adapters are float32 whatever the base's dtype
+  (as PEFT keeps them), cast to the compute dtype in the forward pass.
+  """
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = LORA_TARGETS
+  init: str = "kaiming"
+
+  def __post_init__(self):
+    if not isinstance(self.rank, (int, np.integer)) or self.rank < 0:
+      raise ConfigError(f"lora.rank={self.rank!r} must be an integer >= 0 (0 = no adapters).")
+    if self.rank and self.alpha <= 0:
+      raise ConfigError(f"lora.alpha={self.alpha} must be > 0 (the scale is alpha / rank).")
+    bad = [t for t in self.targets if t not in LORA_TARGETS]
+    if bad or (self.rank and not self.targets):
+      raise ConfigError(f"lora.targets={list(self.targets)}: use a non-empty subset of "
+                        f"{list(LORA_TARGETS)}" + (f" ({bad} unknown)." if bad else "."))
+    if self.init not in LORA_INITS:
+      raise ConfigError(f"lora.init={self.init!r}; use one of {LORA_INITS}.")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank if self.rank else 0.0
+
+  def on(self, target: str) -> bool:
+    return self.rank > 0 and target in self.targets
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -65,6 +103,8 @@ class ModelConfig:
   # dtype of the params in memory, and of activations / matmuls. Logits are always float32.
   param_dtype: str = "float32"
   dtype: str = "float32"
+  # Adapters on the projections (not part of config.json: an export merges or separates them).
+  lora: LoraConfig = LoraConfig()
 
   def __post_init__(self):
     if self.family not in _ARCH_OF_FAMILY:
@@ -107,6 +147,18 @@ class ModelConfig:
     layer = attn + 3 * e * m + 2 * e
     embed = self.vocab_size * e * (1 if self.tie_embeddings else 2)
     return self.num_layers * layer + embed + e
+
+  def lora_shapes(self) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each projection an adapter can sit on."""
+    e, m, h, k, d = (self.hidden_size, self.intermediate_size, self.num_heads,
+                     self.num_kv_heads, self.head_dim)
+    return {"q_proj": (e, h * d), "k_proj": (e, k * d), "v_proj": (e, k * d),
+            "o_proj": (h * d, e), "gate_proj": (e, m), "up_proj": (e, m), "down_proj": (m, e)}
+
+  def num_lora_params(self) -> int:
+    """Adapter params: rank x (in + out) per adapted projection and layer."""
+    return self.num_layers * sum(self.lora.rank * (i + o) for t, (i, o) in
+                                 self.lora_shapes().items() if self.lora.on(t))
 
   # --------------------------------------------------------------------------- HF conversion
 

@@ -40,6 +40,47 @@ def _named(value, names):
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+class LoRAParam(nnx.Param):
+  """A low-rank adapter's A or B (kat_jax/lora.py). A subclass of Param, so code that takes a
+  model's params takes these too; a LoRA student trains exactly the `LoRAParam`s."""
+
+
+def _adapter(module, name: str, cfg: ModelConfig, rngs: nnx.Rngs, in_shape, in_names,
+             out_shape, out_names):
+  """Adds `{name}_lora_a` [*in, r] and `{name}_lora_b` [r, *out] to `module` if cfg.lora adapts
+  `name`. Float32 always; B = 0, so the adapted model starts as the base."""
+  lora = cfg.lora
+  if not lora.on(name):
+    return
+  r, fan_in = lora.rank, int(np.prod(in_shape))
+  key = rngs.params()
+  if lora.init == "kaiming":  # torch's kaiming_uniform_(a=sqrt(5)) on a [r, in] weight: PEFT's
+    bound = 1.0 / np.sqrt(fan_in)
+    a = jax.random.uniform(key, (fan_in, r), jnp.float32, -bound, bound)
+  else:  # PEFT's init_lora_weights='gaussian'
+    a = jax.random.normal(key, (fan_in, r), jnp.float32) / r
+  # The rank axis has no logical name: replicated (it is tiny); the others follow the base.
+  setattr(module, f"{name}_lora_a", LoRAParam(a.reshape(*in_shape, r),
+                                              out_sharding=(*in_names, None),
+                                              eager_sharding=False))
+  setattr(module, f"{name}_lora_b", LoRAParam(jnp.zeros((r, *out_shape), jnp.float32),
+                                              out_sharding=(None, *out_names),
+                                              eager_sharding=False))
+
+
+def _project(module, name: str, x, n_in: int = 1):
+  """x through projection `name` of `module`: the frozen base plus, if present, its adapter
+  (alpha / r) (x A) B, both in the module's compute dtype."""
+  dt = module.dtype
+  y = _dense(x, getattr(module, name)[...].astype(dt), n_in)
+  a = getattr(module, f"{name}_lora_a", None)
+  if a is None:
+    return y
+  b = getattr(module, f"{name}_lora_b")
+  delta = _dense(_dense(x, a[...].astype(dt), n_in), b[...].astype(dt))
+  return y + (module.cfg.lora.scale * delta).astype(dt)
+
+
 def _param(rngs: nnx.Rngs, shape, names, dtype, std=0.02):
   return _named(std * jax.random.normal(rngs.params(), shape, dtype), names)
 
@@ -152,6 +193,10 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm = RMSNorm(d, cfg.rms_norm_eps, "head_dim", pdt, self.dtype)
       self.k_norm = RMSNorm(d, cfg.rms_norm_eps, "head_dim", pdt, self.dtype)
+    for name, n in (("q_proj", h), ("k_proj", k), ("v_proj", k)):
+      _adapter(self, name, cfg, rngs, (e,), ("embed",), (n, d),
+               ("heads" if name == "q_proj" else "kv_heads", "head_dim"))
+    _adapter(self, "o_proj", cfg, rngs, (h, d), ("heads", "head_dim"), (e,), ("embed",))
     self.cfg = cfg
 
   def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, inv_freq, kv=None, end_B=None,
@@ -165,9 +210,9 @@ class Attention(nnx.Module):
     """
     cfg, dt = self.cfg, self.dtype
     x = x_BxTxE.astype(dt)
-    q_BxTxHxD = _dense(x, self.q_proj[...].astype(dt))
-    k_BxTxKxD = _dense(x, self.k_proj[...].astype(dt))
-    v_BxTxKxD = _dense(x, self.v_proj[...].astype(dt))
+    q_BxTxHxD = _project(self, "q_proj", x)
+    k_BxTxKxD = _project(self, "k_proj", x)
+    v_BxTxKxD = _project(self, "v_proj", x)
     if cfg.qkv_bias:
       q_BxTxHxD = q_BxTxHxD + self.q_bias[...].astype(dt)[None, None]
       k_BxTxKxD = k_BxTxKxD + self.k_bias[...].astype(dt)[None, None]
@@ -215,7 +260,7 @@ class Attention(nnx.Module):
       out_BxTxHxD = jnp.moveaxis(out, 0, 1).reshape(q.shape)[:, :t]
     else:
       out_BxTxHxD = _attention(q_BxTxHxD, keys, values, mask_BxTxS, cfg, dt)
-    out_BxTxE = _dense(out_BxTxHxD, self.o_proj[...].astype(dt), n_in=2)
+    out_BxTxE = _project(self, "o_proj", out_BxTxHxD, n_in=2)
     if cfg.o_bias:
       out_BxTxE = out_BxTxE + self.o_bias[...].astype(dt)[None, None]
     return out_BxTxE, (keys_BxKxSxD, values_BxKxSxD)
@@ -229,12 +274,15 @@ class MLP(nnx.Module):
     self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), pdt)
     self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), pdt)
     self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), pdt)
+    _adapter(self, "gate_proj", cfg, rngs, (e,), ("embed",), (m,), ("mlp",))
+    _adapter(self, "up_proj", cfg, rngs, (e,), ("embed",), (m,), ("mlp",))
+    _adapter(self, "down_proj", cfg, rngs, (m,), ("mlp",), (e,), ("embed",))
+    self.cfg = cfg
 
   def __call__(self, x_BxTxE):
-    dt = self.dtype
-    gate_BxTxM = _dense(x_BxTxE, self.gate_proj[...].astype(dt))
-    up_BxTxM = _dense(x_BxTxE, self.up_proj[...].astype(dt))
-    return _dense(jax.nn.silu(gate_BxTxM) * up_BxTxM, self.down_proj[...].astype(dt))
+    gate_BxTxM = _project(self, "gate_proj", x_BxTxE)
+    up_BxTxM = _project(self, "up_proj", x_BxTxE)
+    return _project(self, "down_proj", jax.nn.silu(gate_BxTxM) * up_BxTxM)
 
 
 class Block(nnx.Module):
@@ -404,3 +452,18 @@ class Transformer(nnx.Module):
     """Cached forward: (float32 logits [B, T, V], updated cache); `attend` as in decode_hidden."""
     x, cache = self.decode_hidden(tokens_BxT, cache, attend=attend)
     return self.logits(x), cache
+
+
+def init_adapters(cfg: ModelConfig, seed: int, shardings=None) -> dict[tuple, jax.Array]:
+  """The LoRA adapters of a freshly built `Transformer(cfg, rngs=nnx.Rngs(seed))`, {path: array},
+  made on device in their shardings ({path: Sharding} or None): what `hf.load` puts beside the
+  loaded base. The base params the builder draws too are dead code in the jitted function and
+  never materialise."""
+  def build():
+    state = nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)), LoRAParam)
+    return [v.get_value() for _, v in nnx.to_flat_state(state)]
+
+  paths = [p for p, _ in nnx.to_flat_state(
+      nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed))), LoRAParam))]
+  out = None if shardings is None else [shardings[p] for p in paths]
+  return dict(zip(paths, jax.jit(build, out_shardings=out)()))
