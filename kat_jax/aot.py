@@ -247,7 +247,7 @@ class _Step:
   opt: object  # abstract optimizer state
   train_state: float  # resident during the rollout: optimizer state (+ training params)
   frozen: object = None  # the student's params the update does not train (LoRA: the base)
-  compute_dtype: str | None = None  # master weights: the dtype the update casts them to
+  master_cast: str | None = None  # master weights: the dtype the update casts them to
   shared: bool = False  # the teacher is the LoRA student's base (config.shares_base)
 
   def rows(self, *shape):
@@ -403,7 +403,7 @@ def _update_programs(st: _Step, report: Report, state, roofline: bool) -> None:
         graph, params, t_graph, ta, st.opt, sized(_sds((b, p), jnp.int32, None)),
         sized(_sds((b,), jnp.int32, None)), jax.tree.map(sized, out), tx=st.tx, cfg=cfg_loss,
         batch_shards=sharding.batch_shards(train_mesh), s_frozen=frozen,
-        compute_dtype=st.compute_dtype)
+        master_cast=st.master_cast)
 
   frozen = st.frozen
   res, _ = _compile("update (full length)", program(b, st.loss_cfg, sgp, sp))
@@ -411,9 +411,9 @@ def _update_programs(st: _Step, report: Report, state, roofline: bool) -> None:
     res.shared = per_device_bytes(ta) if st.loss_cfg.objective != "sampled_pg" else 0.0
   elif st.loss_cfg.objective == "sampled_pg":  # the teacher is not an argument (XLA drops it)
     res.resident = per_device_bytes(ta)
-  if st.compute_dtype is not None:  # the student's low-precision copy, kept for the rollout
+  if st.master_cast is not None:  # the student's low-precision copy, kept for the rollout
     res.resident += per_device_bytes(jax.tree.map(
-        lambda x: _sds(x.shape, st.compute_dtype, x.sharding), sp))
+        lambda x: _sds(x.shape, st.master_cast, x.sharding), sp))
   report.results.append(res)
   if roofline:
     # One row per device, no micro-batch loop, no attention / loss chunk loops, no scan over
@@ -421,7 +421,7 @@ def _update_programs(st: _Step, report: Report, state, roofline: bool) -> None:
     # once); the update costs batch / that many rows of it.
     n = sharding.batch_shards(train_mesh)
     flat_g, flat_p, frozen = abstract_trained(st.s_cfg, train_mesh, remat=st.config.remat,
-                                              master=st.compute_dtype is not None)
+                                              master=st.master_cast is not None)
     flat_t = abstract_model(st.t_cfg, st.mesh, rules=st.rules)[0]
     piece, exe = _compile("update cost", program(
         n, dataclasses.replace(st.loss_cfg, microbatches=1, chunk=0), flat_g, flat_p, flat_t))

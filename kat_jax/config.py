@@ -184,6 +184,10 @@ def validate(config, workdir: str | None = None, check_models: bool = True) -> N
                 if positions % d == 0]
     _fail("loss.chunk", chunk, f"must divide the {positions} generated positions (max_new_tokens "
           f"rounded up to whole kat.window={config.kat.window} windows); use one of {divisors}.")
+  if shares_base(config) and config.mesh.rollout_tensor > 1:
+    _fail("mesh.rollout_tensor", config.mesh.rollout_tensor,
+          "a LoRA student on the teacher's own checkpoint shares its base, and both stay in the "
+          "training layout; set mesh.rollout_tensor=0 (or -1), or give a separate teacher.")
   if check_models:
     _check_models(config, shape)
   if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():

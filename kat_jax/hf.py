@@ -149,6 +149,20 @@ def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
   return ModelConfig.from_hf(hf_cfg, gen_cfg, **overrides)
 
 
+def fingerprint(path: str | os.PathLike) -> dict:
+  """What identifies a model directory's weights without reading them: its resolved path, and a
+  hash of config.json and of each safetensors file's name, size and header (tensor names, shapes,
+  dtypes, offsets)."""
+  import hashlib
+  path = Path(path)
+  digest = hashlib.sha256((path / "config.json").read_bytes())
+  for f in sorted(path.glob("*.safetensors")):
+    with open(f, "rb") as fh:
+      n = int.from_bytes(fh.read(8), "little")
+      digest.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(min(n, 1 << 24)))
+  return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
+
+
 def load(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
          *, compute_dtype: str | None = None, rules=sharding_lib.DEFAULT_RULES,
          lora: LoraConfig | None = None, lora_seed: int = 0) -> tuple[Transformer, ModelConfig]:

@@ -1,6 +1,6 @@
 """LoRA students: low-rank adapters on a frozen base, trained, checkpointed and exported.
 
-An adapted projection computes W x + (alpha / r) B (A x) (kat_jax/models/transformer.py:
+An adapted projection computes W x + (alpha / r) (x A) B (kat_jax/models/transformer.py:
 `_project`); A [in, r] and B [r, out] are `LoRAParam`s (a Param subclass) in float32, B = 0 at
 the start. Training differentiates and optimises the `LoRAParam`s only (`split` hands the update
 the adapters and the frozen rest separately), so the optimizer state is adapter-sized and the base
@@ -18,7 +18,9 @@ as the base (kat_jax/sharding.py) and convert to PEFT's layout by the same maps 
 
 Exports (`save_merged`, `save_peft`): the merged weights W + (alpha / r) A B as an ordinary HF
 directory, and a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that
-`peft.PeftModel.from_pretrained(base, DIR)` loads onto the base.
+`peft.PeftModel.from_pretrained(base, DIR)` loads onto the base. The merged weights are stored
+in the base's dtype: a bf16 base rounds W + (alpha / r) A B to bf16, where small adapter updates
+are a few ulps -- the PEFT directory (float32 adapters) is the exact artifact.
 """
 
 from __future__ import annotations
@@ -133,12 +135,16 @@ def peft_tensors(model: Transformer) -> dict[str, np.ndarray]:
   return out
 
 
-def save_peft(model: Transformer, out_dir, base_model: str | os.PathLike = "") -> Path:
-  """A PEFT LoRA adapter directory: adapter_config.json + adapter_model.safetensors (float32)."""
+def save_peft(model: Transformer, out_dir, base_model: str | os.PathLike = "",
+              overwrite: bool = False) -> Path:
+  """A PEFT LoRA adapter directory: adapter_config.json + adapter_model.safetensors (float32).
+  An existing non-empty `out_dir` is refused unless `overwrite`."""
   lora = model.cfg.lora
   if not lora.rank:
     raise ValueError("save_peft: the model has no adapters (lora.rank=0).")
   out_dir = Path(out_dir)
+  if not overwrite:
+    hf.check_new_directory(out_dir, "pass overwrite=True to replace it")
   tensors = peft_tensors(model)
   config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),

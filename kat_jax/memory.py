@@ -230,7 +230,10 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
               + items.get("master weights (fp32)", 0.0))
   rollout_phase = (items["student kv cache"] + items["teacher kv cache"] + items["rollout buffers"]
                    + items.get("student params (rollout copy)", 0.0))
+  if master and not student.lora.rank:  # the update's forward reads the master cast to bf16
+    items["master cast (update)"] = items["student params"]
   update_phase = (items["gradients"] + items["activations (update)"] + batch_in
+                  + items.get("master cast (update)", 0.0)
                   + items.get("LM head gathered (update)", 0.0)
                   + items.get("stacked layers (scan)", 0.0))
   peak = resident + max(rollout_phase, update_phase)

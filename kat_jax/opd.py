@@ -270,10 +270,10 @@ def _cast(tree, dtype):
 
 
 def _loss(s_params, s_graph, s_frozen, t_model, prompt_BxP, start_B, result: RolloutResult,
-          cfg: LossConfig, num_tokens, compute_dtype=None):
+          cfg: LossConfig, num_tokens, master_cast=None):
   # Master weights: the forward runs on the params cast to the student's dtype; the gradient
   # flows back through the cast to the float32 master.
-  merge = lambda p: nnx.merge(s_graph, _cast(p, compute_dtype), *s_frozen)  # noqa: E731
+  merge = lambda p: nnx.merge(s_graph, _cast(p, master_cast), *s_frozen)  # noqa: E731
   student = merge(s_params)
   seq, attn = training_batch(prompt_BxP, start_B, result)
   p = prompt_BxP.shape[1]
@@ -318,17 +318,17 @@ def _loss(s_params, s_graph, s_frozen, t_model, prompt_BxP, start_B, result: Rol
 
 
 @functools.partial(jax.jit, static_argnames=("s_graph", "t_graph", "tx", "cfg", "batch_shards",
-                                             "compute_dtype"),
+                                             "master_cast"),
                    donate_argnames=("s_params", "opt_state"))
 def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
            result: RolloutResult, *, tx: optax.GradientTransformation, cfg: LossConfig,
-           batch_shards: int = 1, s_frozen=None, compute_dtype: str | None = None):
+           batch_shards: int = 1, s_frozen=None, master_cast: str | None = None):
   """Returns (new params, new optimizer state, metrics); skips the update if non-finite
   (`skipped`) or if no token is trained (`empty`).
 
   s_params are the params trained (kat_jax.lora.split: all of them, or a LoRA student's
   adapters) and s_frozen the rest of the student (read, never differentiated or changed).
-  compute_dtype: s_params are float32 master weights; the forward casts them to this dtype.
+  master_cast: s_params are float32 master weights; the forward casts them to this dtype.
   batch_shards: how many ways the batch is split over the mesh (data x fsdp), so that each row
   chunk of `cfg.microbatches` takes rows from every shard.
   """
@@ -341,7 +341,7 @@ def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
                            batch_shards)
   if m == 1:
     loss, grads = grad_fn(s_params, s_graph, frozen, teacher, prompt_BxP, start_B, result, cfg,
-                          num_tokens, compute_dtype)
+                          num_tokens, master_cast)
   else:
     # Every chunk's loss is already normalised by the whole batch's trained tokens, so the sums
     # over chunks are exactly the full-batch loss and gradient.
@@ -355,7 +355,7 @@ def update(s_graph, s_params, t_graph, t_params, opt_state, prompt_BxP, start_B,
 
     def body(carry, chunk):
       loss_sum, grad_sum = carry
-      l, g = grad_fn(s_params, s_graph, frozen, teacher, *chunk, cfg, num_tokens, compute_dtype)
+      l, g = grad_fn(s_params, s_graph, frozen, teacher, *chunk, cfg, num_tokens, master_cast)
       return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
 
     zeros = jax.tree.map(jnp.zeros_like, s_params)

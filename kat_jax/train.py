@@ -222,8 +222,17 @@ def _state_tree(run: Run, opt_state, th_state, master=None):
 
 
 def _checkpoint_meta(config) -> dict:
-  """What a checkpoint's params are (checked on resume before anything loads)."""
-  return {"lora": {k: config.lora[k] for k in ("rank", "alpha", "targets")}}
+  """What a checkpoint's params are (checked on resume before anything loads): the adapters'
+  shape and, since a LoRA checkpoint holds no base, which base they sit on; whether the params
+  are float32 master weights."""
+  lora_cfg = lora_config(config)
+  meta = {"lora": {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
+                   "targets": sorted(lora_cfg.targets) if lora_cfg.rank else []},
+          "master": opd.uses_master(opd.OptimConfig(**config.optim),
+                                    config.dtype or hf.default_dtype(), lora_cfg.rank)}
+  if lora_cfg.rank:
+    meta["base"] = hf.fingerprint(config.student)
+  return meta
 
 
 def _manager(run: Run, create: bool = True):
@@ -249,14 +258,27 @@ def check_resume(config, workdir, data: bool = True) -> int | None:
   if step is None:
     return None
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  # Checkpoints from before LoRA hold full params: rank 0.
+  # Checkpoints from before LoRA hold full params (rank 0); from before master weights, the
+  # student's own params.
+  want = _checkpoint_meta(config)
   saved = meta.get("lora", {"rank": 0})
-  want = _checkpoint_meta(config)["lora"]
-  if saved.get("rank", 0) != want["rank"] or (want["rank"] and saved != want):
+  if saved.get("rank", 0) != want["lora"]["rank"] or (want["lora"]["rank"]
+                                                       and saved != want["lora"]):
     raise ConfigError(
-        f"config.lora={want}: the checkpoint at step {step} in {ckpts} was written with lora="
-        f"{saved} (its params are {'adapters of that shape' if saved.get('rank') else 'full'}); "
-        "resume with the same config.lora, or start a new --workdir.")
+        f"config.lora={want['lora']}: the checkpoint at step {step} in {ckpts} was written with "
+        f"lora={saved} (its params are "
+        f"{'adapters of that shape' if saved.get('rank') else 'full'}); resume with the same "
+        "config.lora, or start a new --workdir.")
+  if "base" in meta and want.get("base") != meta["base"]:
+    raise ConfigError(
+        f"config.student={config.student!r}: the adapters in {ckpts} were trained on another base "
+        f"({meta['base']['path']}); give that student, or start a new --workdir.")
+  if meta.get("master", want["master"]) != want["master"]:
+    raise ConfigError(
+        f"config.optim.master={config.optim.master!r} (dtype {config.dtype or 'default'!r}): the "
+        f"checkpoint at step {step} in {ckpts} {'holds' if meta['master'] else 'has no'} float32 "
+        "master weights; resume with the settings it was written with (optim.master / dtype), "
+        "or start a new --workdir.")
   position = meta.get("data_position")
   if data and position is not None and position != step * config.prompts_per_step:
     raise ConfigError(
@@ -384,7 +406,7 @@ def train_step(run: Run, state: TrainState, step: int, key):
       s_graph, trained_params(run, state.master), t_graph, t_params, state.opt_state, prompt,
       start, opd.trim(result, config.kat.window, config.loss.chunk) if config.loss.trim else result,
       tx=run.tx, cfg=run.loss_cfg, batch_shards=sharding.batch_shards(run.mesh),
-      s_frozen=s_frozen, compute_dtype=run.master_dtype)
+      s_frozen=s_frozen, master_cast=run.master_dtype)
   del s_now  # the student's trained params, replaced below (donated when they are the ones updated)
   master = None
   if run.master_dtype is not None:  # the rollout and the forward use the low-precision copy
@@ -507,5 +529,5 @@ def _export(run: Run, out: Path, master=None) -> Path:
                      overwrite=True)
     if run.student.cfg.lora.rank:
       lora.save_peft(run.student, out.with_name(out.name + "_adapter"),
-                     base_model=Path(run.config.student).resolve())
+                     base_model=Path(run.config.student).resolve(), overwrite=True)
   return out

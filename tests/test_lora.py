@@ -105,6 +105,10 @@ def test_lora_config_errors_name_the_field(models):
   cfg.optim.master = "bf16"
   with pytest.raises(ConfigError, match="optim.master='bf16'"):
     config_lib.validate(cfg)
+  cfg = tiny_config(*models)
+  cfg.teacher, cfg.lora.rank, cfg.mesh.rollout_tensor = cfg.student, 4, 2
+  with pytest.raises(ConfigError, match="mesh.rollout_tensor=2: a LoRA student on the teacher"):
+    config_lib.validate(cfg)
 
 
 def _host(tree):
@@ -155,10 +159,18 @@ def test_lora_resume_after_process_exit_is_bit_exact_and_exports_both_ways(model
   out = _main(["--config", f"{spec},4", "--workdir", str(straight), *flags])
   assert out.returncode == 0, out.stderr[-2000:]
   assert _main(["--config", f"{spec},2", "--workdir", str(resumed), *flags]).returncode == 0
-  # Resuming with other adapters is refused before anything loads, naming the field.
+  # Resuming with other adapters, or the adapters on another base, is refused before anything
+  # loads, naming the field.
   bad = _main(["--config", f"{spec},4", "--workdir", str(resumed), "--config.lora.rank=8"])
   assert bad.returncode != 0 and "config.lora=" in bad.stderr.splitlines()[-1]
-  second = _main(["--config", f"{spec},4", "--workdir", str(resumed), *flags])
+  import shutil
+  other = shutil.copytree(models[0], tmp_path / "other_student")
+  bad = _main(["--config", f"{spec},4", "--workdir", str(resumed), *flags,
+               f"--config.student={other}"])
+  assert bad.returncode != 0 and "trained on another base" in bad.stderr.splitlines()[-1]
+  # The same targets in another order are the same adapters.
+  second = _main(["--config", f"{spec},4", "--workdir", str(resumed), "--config.lora.rank=4",
+                  "--config.lora.targets=up_proj,v_proj,q_proj"])
   assert second.returncode == 0 and "at step 2" in second.stdout, second.stderr[-2000:]
   a, b = _metrics(straight), _metrics(resumed)
   for step in (1, 2, 3, 4):
@@ -171,7 +183,6 @@ def test_lora_resume_after_process_exit_is_bit_exact_and_exports_both_ways(model
   adapter = _tensors(resumed / "export_adapter" / "adapter_model.safetensors")
   assert len(adapter) == 2 * 3 * 2  # (A, B) x 3 targets x 2 layers
   # mode=export from the checkpoint writes the same two directories.
-  import shutil
   shutil.rmtree(resumed / "export")
   shutil.rmtree(resumed / "export_adapter")
   out = _main(["--config", f"{spec},4", "--workdir", str(resumed), "--config.mode=export",

@@ -43,7 +43,8 @@ LORA_INITS = ("kaiming", "gaussian")
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-  """Low-rank adapters on a frozen base (kat_jax/lora.py): W x + (alpha / rank) B A x.
+  """Low-rank adapters on a frozen base (kat_jax/lora.py): W x + (alpha / rank) (x A) B, with
+  A [in, rank] and B [rank, out].
 
   rank 0 = no adapters. init: the adapters' A as PEFT's default (`kaiming`: Kaiming-uniform with
   a = sqrt(5), the torch Linear init) or `gaussian` (normal, std 1 / rank); B is zero either way,
