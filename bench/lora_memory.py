@@ -19,7 +19,6 @@ the baseline, and the memory plan's (kat_jax.memory) figures beside them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,20 +35,6 @@ from kat_jax.configfile import load_config  # noqa: E402
 GiB = 2**30
 
 
-def config_json(path: Path, known: str, layers: int) -> str:
-  """A Qwen3 config.json with a published model's widths and `layers` layers (no weights)."""
-  k = memory.KNOWN[known]
-  path.mkdir(parents=True)
-  (path / "config.json").write_text(json.dumps(dict(
-      architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
-      hidden_size=k["hidden_size"], intermediate_size=k["intermediate_size"],
-      num_hidden_layers=layers, num_attention_heads=k["num_heads"],
-      num_key_value_heads=k["num_kv_heads"], head_dim=128, rms_norm_eps=1e-6,
-      max_position_embeddings=40960, tie_word_embeddings=k["tie_embeddings"],
-      rope_theta=1e6, eos_token_id=151645, pad_token_id=151643, hidden_act="silu")))
-  return str(path)
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--topology", default="v5e:2x2")
@@ -57,8 +42,8 @@ def main(argv=None) -> None:
   parser.add_argument("--rank", type=int, default=16)
   args = parser.parse_args(argv)
   tmp = Path(tempfile.mkdtemp())
-  student = config_json(tmp / "student", "Qwen3-1.7B", args.layers)
-  teacher = config_json(tmp / "teacher", "Qwen3-8B", args.layers)
+  student = memory.write_known_config(tmp / "student", "Qwen3-1.7B", args.layers)
+  teacher = memory.write_known_config(tmp / "teacher", "Qwen3-8B", args.layers)
   rows = [("full, master off", {"optim.master": "off"}), ("full, fp32 master", {}),
           (f"LoRA r={args.rank}", {"lora.rank": args.rank}),
           (f"LoRA r={args.rank}, shared 8B base", {"lora.rank": args.rank, "student": teacher})]

@@ -395,7 +395,7 @@ def _update_programs(st: _Step, report: Report, state, roofline: bool) -> None:
                        state.kat, probe)
   (tg, ta), (sgp, sp) = st.teacher, st.train_student
 
-  def program(n_rows, cfg_loss, graph, params, t_graph=tg):
+  def program(n_rows, cfg_loss, graph, params, frozen, t_graph=tg):
     def sized(x):  # n_rows rows of a [B, ...] input, batch-sharded on the training mesh
       return _sds((n_rows,) + x.shape[1:], x.dtype, sharding.batch_sharding(train_mesh, x.ndim))
 
@@ -405,8 +405,7 @@ def _update_programs(st: _Step, report: Report, state, roofline: bool) -> None:
         batch_shards=sharding.batch_shards(train_mesh), s_frozen=frozen,
         master_cast=st.master_cast)
 
-  frozen = st.frozen
-  res, _ = _compile("update (full length)", program(b, st.loss_cfg, sgp, sp))
+  res, _ = _compile("update (full length)", program(b, st.loss_cfg, sgp, sp, st.frozen))
   if st.shared:  # the teacher's params are the student's frozen base, an argument already
     res.shared = per_device_bytes(ta) if st.loss_cfg.objective != "sampled_pg" else 0.0
   elif st.loss_cfg.objective == "sampled_pg":  # the teacher is not an argument (XLA drops it)
@@ -424,7 +423,8 @@ def _update_programs(st: _Step, report: Report, state, roofline: bool) -> None:
                                               master=st.master_cast is not None)
     flat_t = abstract_model(st.t_cfg, st.mesh, rules=st.rules)[0]
     piece, exe = _compile("update cost", program(
-        n, dataclasses.replace(st.loss_cfg, microbatches=1, chunk=0), flat_g, flat_p, flat_t))
+        n, dataclasses.replace(st.loss_cfg, microbatches=1, chunk=0), flat_g, flat_p, frozen,
+        flat_t))
     if exe is None:
       raise RuntimeError(f"the roofline's update program does not compile: {piece.error}")
     report.costs["update"] = roofline_lib.program_cost(exe) * (b / n)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -153,7 +154,6 @@ def fingerprint(path: str | os.PathLike) -> dict:
   """What identifies a model directory's weights without reading them: its resolved path, and a
   hash of config.json and of each safetensors file's name, size and header (tensor names, shapes,
   dtypes, offsets)."""
-  import hashlib
   path = Path(path)
   digest = hashlib.sha256((path / "config.json").read_bytes())
   for f in sorted(path.glob("*.safetensors")):

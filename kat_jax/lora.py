@@ -79,14 +79,22 @@ def _pairs(model: Transformer):
       yield i, target, a_np.reshape(-1, r), b_np.reshape(r, -1)
 
 
+def _plain(model: Transformer, state) -> Transformer:
+  """An adapter-free Transformer of `model`'s architecture over `state` (its params without
+  adapters), with `model`'s runtime settings (remat, chunks, scan, activation shardings)."""
+  plain_cfg = model.cfg.replace(lora=LoraConfig())
+  graph, _ = nnx.split(nnx.eval_shape(lambda: Transformer(plain_cfg, rngs=nnx.Rngs(0))))
+  plain = nnx.merge(graph, state)
+  for attr in ("remat", "attn_chunk", "scan_layers", "act_sharding", "cache_sharding"):
+    setattr(plain, attr, getattr(model, attr))
+  return plain
+
+
 def merged(model: Transformer) -> Transformer:
   """A plain (adapter-free) Transformer holding W + (alpha / r) A B, merged in float32 and stored
   in the base's param dtype. The unadapted params are shared with `model`, not copied."""
-  cfg = model.cfg
-  plain = cfg.replace(lora=LoraConfig())
-  graph, _ = nnx.split(nnx.eval_shape(lambda: Transformer(plain, rngs=nnx.Rngs(0))))
   base = dict(nnx.to_flat_state(nnx.state(model, nnx.Not(LoRAParam))))
-  scale = cfg.lora.scale
+  scale = model.cfg.lora.scale
   for i, target, a, b in _pairs(model):
     where = _MODULE[target][0]
     var = base[("layers", i, where, target)]
@@ -97,21 +105,13 @@ def merged(model: Transformer) -> Transformer:
     if isinstance(old, jax.Array):  # else host arrays (an export gathers the params first)
       new = jax.device_put(new, old.sharding)
     base[("layers", i, where, target)] = var.replace(new)
-  model_out = nnx.merge(graph, nnx.from_flat_state(list(base.items())))
-  for attr in ("remat", "attn_chunk", "scan_layers", "act_sharding", "cache_sharding"):
-    setattr(model_out, attr, getattr(model, attr))
-  return model_out
+  return _plain(model, nnx.from_flat_state(list(base.items())))
 
 
 def base_view(model: Transformer) -> Transformer:
   """The base model with the adapters off: a plain Transformer over the *same* arrays (no copy),
   the teacher of a self-distillation whose student is the teacher plus adapters."""
-  plain = model.cfg.replace(lora=LoraConfig())
-  graph, _ = nnx.split(nnx.eval_shape(lambda: Transformer(plain, rngs=nnx.Rngs(0))))
-  view = nnx.merge(graph, nnx.state(model, nnx.Not(LoRAParam)))
-  for attr in ("remat", "attn_chunk", "scan_layers", "act_sharding", "cache_sharding"):
-    setattr(view, attr, getattr(model, attr))
-  return view
+  return _plain(model, nnx.state(model, nnx.Not(LoRAParam)))
 
 
 def save_merged(model: Transformer, config: ModelConfig, out_dir, tokenizer_dir=None, **kw) -> Path:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import types
 from pathlib import Path
 
@@ -157,6 +158,7 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
   (optim.master), with float32 moments and gradients. shared_base: the teacher is the LoRA
   student's own base (self-distillation), no second copy."""
   data, fsdp, tensor = mesh_shape
+  master = master and not student.lora.rank  # adapters are float32: no master copy
   b = batch / (data * fsdp)  # rows per device in the update
   tp = rollout_tensor_parallel if rollout_tensor_parallel > 1 else 0
   r_shape = rollout_shape(mesh_shape, tp)
@@ -174,14 +176,14 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
     trained = param_bytes(student, mesh_shape, param_bytes_s, part="lora")
   else:
     trained = items["student params"] * (4 / param_bytes_s if master else 1)
-  if master and not student.lora.rank:
+  if master:
     items["master weights (fp32)"] = trained
   items["teacher params"] = (0.0 if shared_base
                              else param_bytes(teacher, r_shape, param_bytes_t, r_rules))
   items["optimizer (AdamW)"] = 2 * trained
   if accumulation_steps > 1:  # opd.token_weighted_accumulation: an fp32 gradient sum
-    items["optimizer (AdamW)"] += trained * 4 / (4 if master or student.lora.rank
-                                                 else param_bytes_s)
+    fp32 = master or student.lora.rank  # the trained params are float32 already
+    items["optimizer (AdamW)"] += trained * (1 if fp32 else 4 / param_bytes_s)
   items["gradients"] = trained
   for name, c in (("student", student), ("teacher", teacher)):
     items[f"{name} kv cache"] = (c.num_layers * 2 * b_r * _split(c.num_kv_heads, r_shape[2])
@@ -230,7 +232,7 @@ def plan(student: ModelConfig, teacher: ModelConfig, mesh_shape, *, batch: int, 
               + items.get("master weights (fp32)", 0.0))
   rollout_phase = (items["student kv cache"] + items["teacher kv cache"] + items["rollout buffers"]
                    + items.get("student params (rollout copy)", 0.0))
-  if master and not student.lora.rank:  # the update's forward reads the master cast to bf16
+  if master:  # the update's forward reads the master cast to bf16
     items["master cast (update)"] = items["student params"]
   update_phase = (items["gradients"] + items["activations (update)"] + batch_in
                   + items.get("master cast (update)", 0.0)
@@ -282,7 +284,21 @@ def model_config(path: str, dtype: str) -> ModelConfig:
     raise FileNotFoundError(f"{path!r} is not a model directory and not a known architecture "
                             f"({', '.join(KNOWN)}); give a local Hugging Face directory.")
   return ModelConfig(family="qwen3", vocab_size=151936, head_dim=128, qk_norm=True,
-                     eos_token_ids=(151645,), param_dtype=dtype, dtype=dtype, **KNOWN[name])
+                     rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,
+                     eos_token_ids=(151645,), pad_token_id=151643, param_dtype=dtype, dtype=dtype,
+                     **KNOWN[name])
+
+
+def write_known_config(out_dir, name: str, layers: int | None = None) -> str:
+  """A model directory holding only the config.json of a KNOWN architecture (optionally cut to
+  `layers` blocks): what the memory plan and the compile check read, no weights."""
+  cfg = model_config(name, "bfloat16")
+  if layers is not None:
+    cfg = cfg.replace(num_layers=layers)
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True)
+  (out_dir / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+  return str(out_dir)
 
 
 def for_config(config, mesh_shape, device_memory: float | None, accelerator: bool) -> Plan:

@@ -265,7 +265,8 @@ def training_batch(prompt_BxP, start_B, result: RolloutResult):
   return seq, jnp.concatenate([in_prompt, in_gen], axis=1)
 
 
-def _cast(tree, dtype):
+def cast_params(tree, dtype):
+  """`tree` with every leaf cast to `dtype` (None: unchanged): master weights <-> their copy."""
   return tree if dtype is None else jax.tree.map(lambda x: x.astype(dtype), tree)
 
 
@@ -273,7 +274,7 @@ def _loss(s_params, s_graph, s_frozen, t_model, prompt_BxP, start_B, result: Rol
           cfg: LossConfig, num_tokens, master_cast=None):
   # Master weights: the forward runs on the params cast to the student's dtype; the gradient
   # flows back through the cast to the float32 master.
-  merge = lambda p: nnx.merge(s_graph, _cast(p, master_cast), *s_frozen)  # noqa: E731
+  merge = lambda p: nnx.merge(s_graph, cast_params(p, master_cast), *s_frozen)  # noqa: E731
   student = merge(s_params)
   seq, attn = training_batch(prompt_BxP, start_B, result)
   p = prompt_BxP.shape[1]

@@ -10,7 +10,6 @@ the last good checkpoint is never overwritten.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from pathlib import Path
@@ -121,7 +120,6 @@ def setup(config, workdir, with_teacher: bool = True) -> Run:
     # Self-distillation: the teacher is the student's frozen base with the adapters off -- the
     # same arrays, one copy in memory (in the training layout, where the student lives).
     teacher = lora.base_view(student)
-    teacher.remat = False
   elif with_teacher:
     teacher, _ = hf.load(config.teacher, dtype=dtype, mesh=r_mesh, rules=r_rules)
     teacher.attn_chunk, teacher.scan_layers = config.attn_chunk, config.scan_layers
@@ -208,13 +206,10 @@ def init_master(run: Run):
   """A float32 copy of the student's trained params (optim.master), or None."""
   if run.master_dtype is None:
     return None
-  return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p))(
-      nnx.state(run.student, lora.trainable(run.student.cfg)))
+  return _cast(nnx.state(run.student, lora.trainable(run.student.cfg)), "float32")
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
-def _cast(tree, dtype: str):
-  return jax.tree.map(lambda x: x.astype(dtype), tree)
+_cast = jax.jit(opd.cast_params, static_argnames="dtype")
 
 
 def _state_tree(run: Run, opt_state, th_state, master=None):

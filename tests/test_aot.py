@@ -1,6 +1,5 @@
 """Ahead-of-time compilation for a TPU topology on this CPU host (kat_jax/aot.py, needs libtpu)."""
 
-import json
 import re
 
 import pytest
@@ -116,21 +115,6 @@ def test_train_runs_the_compile_check_on_its_own_devices(tmp_path, capsys):
   assert out.index("compile check (") < out.index("kat_jax OPD summary")
 
 
-def _config_json(path, known: str, layers: int):
-  """A Qwen3 config.json with a published model's widths (memory.KNOWN) and `layers` layers: what
-  the compile check reads (no weights)."""
-  k = memory.KNOWN[known]
-  path.mkdir(parents=True)
-  (path / "config.json").write_text(json.dumps(dict(
-      architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
-      hidden_size=k["hidden_size"], intermediate_size=k["intermediate_size"],
-      num_hidden_layers=layers, num_attention_heads=k["num_heads"],
-      num_key_value_heads=k["num_kv_heads"], head_dim=128, rms_norm_eps=1e-6,
-      max_position_embeddings=40960, tie_word_embeddings=k["tie_embeddings"],
-      rope_theta=1e6, eos_token_id=151645, pad_token_id=151643, hidden_act="silu")))
-  return str(path)
-
-
 def test_memory_plan_is_within_15_percent_of_the_tpu_compiler(tmp_path):
   """configs/qwen3_opd.py's knobs and the Qwen3-1.7B / 8B widths (one layer each, so it compiles
   in ~45 s) on v5e:2x2: the analytic plan (kat_jax.memory) of the rollout phase and of the update
@@ -138,8 +122,8 @@ def test_memory_plan_is_within_15_percent_of_the_tpu_compiler(tmp_path):
   [V, E] LM head and its fp32 gradient it was 50% low here."""
   from kat_jax.configfile import load_config
   cfg = load_config("configs/qwen3_opd.py")
-  cfg.student = _config_json(tmp_path / "student", "Qwen3-1.7B", 1)
-  cfg.teacher = _config_json(tmp_path / "teacher", "Qwen3-8B", 1)
+  cfg.student = memory.write_known_config(tmp_path / "student", "Qwen3-1.7B", layers=1)
+  cfg.teacher = memory.write_known_config(tmp_path / "teacher", "Qwen3-8B", layers=1)
   cfg.prompts_per_step, cfg.samples_per_prompt, cfg.max_new_tokens = 4, 2, 1024
   cfg.loss.microbatches = 2  # one row per chip at a time, as the paper-scale run
   report = aot.check(cfg, "v5e:2x2", evaluation=False)
