@@ -137,7 +137,7 @@ def test_lora_training_moves_only_the_adapters(models, tmp_path):
 
 
 def _main(args):
-  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS="")
+  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS=os.environ["KAT_JAX_TEST_XLA_FLAGS"])
   return subprocess.run([sys.executable, "-m", "kat_jax.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 

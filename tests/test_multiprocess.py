@@ -32,7 +32,8 @@ def _launch(spec, workdir, n_procs, devices_each, extra=()):
   procs = []
   for i in range(n_procs):
     env = dict(os.environ, HF_HUB_OFFLINE="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each} "
+               + os.environ["KAT_JAX_TEST_XLA_FLAGS"])
     args = [sys.executable, "-m", "kat_jax.main", "--config", spec, "--workdir", str(workdir),
             *extra]
     if n_procs > 1:

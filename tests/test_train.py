@@ -31,7 +31,7 @@ def _metrics(workdir):
 
 
 def _main(args, cwd=ROOT):
-  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS="")
+  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS=os.environ["KAT_JAX_TEST_XLA_FLAGS"])
   return subprocess.run([sys.executable, "-m", "kat_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 
