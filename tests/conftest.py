@@ -8,8 +8,8 @@ import tempfile
 # Must happen before jax is imported anywhere: tests on meshes need several devices. XLA's CPU
 # backend at LLVM -O0 compiles the suite's hundreds of tiny programs ~40% faster (the mesh
 # train-step tests: 129 -> 76 s of CPU) and runs them fast enough (the golden-metric, parity and
-# memory tests pass unchanged); the XLA:TPU programs the AOT tests compile are byte-identical. Subprocess tests pass
-# KAT_JAX_TEST_XLA_FLAGS on with their own device counts.
+# memory tests pass unchanged); the XLA:TPU programs the AOT tests compile are byte-identical.
+# Subprocess tests pass KAT_JAX_TEST_XLA_FLAGS on with their own device counts.
 os.environ.setdefault("KAT_JAX_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       + os.environ["KAT_JAX_TEST_XLA_FLAGS"])

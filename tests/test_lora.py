@@ -2,10 +2,6 @@
 that moves only the adapters, bit-exact resume, exports, self-distillation, fp32 master weights."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +14,7 @@ from kat_jax import hf, lora, memory, opd, safetensors_io, sharding, threshold, 
 from kat_jax.models import ConfigError, LoraConfig
 from kat_jax.models.transformer import LoRAParam
 from hf_fixtures import FAMILIES, make_hf_model
-from train_fixtures import make_models, tiny_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from train_fixtures import make_models, run_main, step_metrics, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -136,17 +130,6 @@ def test_lora_training_moves_only_the_adapters(models, tmp_path):
   assert all(not np.array_equal(a, b) for a, b in zip(adapters0, after))
 
 
-def _main(args):
-  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS=os.environ["KAT_JAX_TEST_XLA_FLAGS"])
-  return subprocess.run([sys.executable, "-m", "kat_jax.main", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
-def _metrics(workdir):
-  lines = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r for r in lines if "loss" in r}
-
-
 def _tensors(path):
   return {n: safetensors_io.read_tensor(i).tobytes()
           for n, i in safetensors_io.read_header(path).items()}
@@ -156,23 +139,23 @@ def test_lora_resume_after_process_exit_is_bit_exact_and_exports_both_ways(model
   spec = f"tests/tiny_config.py:{models[0]},{models[1]}"
   flags = ["--config.lora.rank=4", "--config.lora.targets=q_proj,v_proj,up_proj"]
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  out = _main(["--config", f"{spec},4", "--workdir", str(straight), *flags])
+  out = run_main(["--config", f"{spec},4", "--workdir", str(straight), *flags])
   assert out.returncode == 0, out.stderr[-2000:]
-  assert _main(["--config", f"{spec},2", "--workdir", str(resumed), *flags]).returncode == 0
+  assert run_main(["--config", f"{spec},2", "--workdir", str(resumed), *flags]).returncode == 0
   # Resuming with other adapters, or the adapters on another base, is refused before anything
   # loads, naming the field.
-  bad = _main(["--config", f"{spec},4", "--workdir", str(resumed), "--config.lora.rank=8"])
+  bad = run_main(["--config", f"{spec},4", "--workdir", str(resumed), "--config.lora.rank=8"])
   assert bad.returncode != 0 and "config.lora=" in bad.stderr.splitlines()[-1]
   import shutil
   other = shutil.copytree(models[0], tmp_path / "other_student")
-  bad = _main(["--config", f"{spec},4", "--workdir", str(resumed), *flags,
+  bad = run_main(["--config", f"{spec},4", "--workdir", str(resumed), *flags,
                f"--config.student={other}"])
   assert bad.returncode != 0 and "trained on another base" in bad.stderr.splitlines()[-1]
   # The same targets in another order are the same adapters.
-  second = _main(["--config", f"{spec},4", "--workdir", str(resumed), "--config.lora.rank=4",
+  second = run_main(["--config", f"{spec},4", "--workdir", str(resumed), "--config.lora.rank=4",
                   "--config.lora.targets=up_proj,v_proj,q_proj"])
   assert second.returncode == 0 and "at step 2" in second.stdout, second.stderr[-2000:]
-  a, b = _metrics(straight), _metrics(resumed)
+  a, b = step_metrics(straight), step_metrics(resumed)
   for step in (1, 2, 3, 4):
     assert {k: a[step][k] for k in ("loss", "grad_norm", "kl")} == {
         k: b[step][k] for k in ("loss", "grad_norm", "kl")}, step
@@ -185,7 +168,7 @@ def test_lora_resume_after_process_exit_is_bit_exact_and_exports_both_ways(model
   # mode=export from the checkpoint writes the same two directories.
   shutil.rmtree(resumed / "export")
   shutil.rmtree(resumed / "export_adapter")
-  out = _main(["--config", f"{spec},4", "--workdir", str(resumed), "--config.mode=export",
+  out = run_main(["--config", f"{spec},4", "--workdir", str(resumed), "--config.mode=export",
                *flags])
   assert out.returncode == 0, out.stderr[-2000:]
   assert _tensors(straight / "export_adapter" / "adapter_model.safetensors") == _tensors(

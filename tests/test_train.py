@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +10,8 @@ import pytest
 from kat_jax import config as config_lib
 from kat_jax import hf, safetensors_io, train
 from kat_jax.models import ConfigError
-from train_fixtures import make_models, tiny_config
+from train_fixtures import make_models, run_main, step_metrics, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "opd_step.json"
 STEP_KEYS = ("loss", "grad_norm", "kl", "kl_sampled", "trap_rate", "gen_len", "trained_len", "tau",
              "tau_probe", "tau_rejected", "tau_imputed", "empty", "skipped")
@@ -25,24 +22,13 @@ def models(tmp_path_factory):
   return make_models(tmp_path_factory.mktemp("models"))
 
 
-def _metrics(workdir):
-  lines = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r for r in lines if "loss" in r}
-
-
-def _main(args, cwd=ROOT):
-  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS=os.environ["KAT_JAX_TEST_XLA_FLAGS"])
-  return subprocess.run([sys.executable, "-m", "kat_jax.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
 def test_two_steps_match_golden_metrics(models, tmp_path):
   cfg = tiny_config(*models, steps=2)
   cfg.eval_size = 0
   cfg.export = False
   cfg.log_rollouts = True
   train.train(cfg, tmp_path)
-  got = {str(k): {m: v[m] for m in STEP_KEYS} for k, v in _metrics(tmp_path).items()}
+  got = {str(k): {m: v[m] for m in STEP_KEYS} for k, v in step_metrics(tmp_path).items()}
   # One probe row per step (probe_fraction 1/8 of 8 rollouts), drawn afresh each step.
   logged = [json.loads(l) for l in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
   assert [sum(r["probe"]) for r in logged] == [1, 1]
@@ -74,7 +60,7 @@ def test_truncation_policies_train_end_to_end(models, tmp_path, policy):
   summary = train.train(cfg, tmp_path)
   assert (tmp_path / "eval_after.json").is_file() == (policy["mode"] == "iw")
   assert not (tmp_path / "eval_before.json").exists() and summary["avg_before"] is None
-  steps = _metrics(tmp_path)
+  steps = step_metrics(tmp_path)
   logged = [json.loads(l) for l in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
   assert all(np.isfinite(steps[k]["loss"]) and not steps[k]["skipped"] for k in steps)
   if policy["mode"] == "horizon":  # POPD: horizons 4, 8, 12 -- the traced tau of each step
@@ -95,15 +81,15 @@ def test_resume_after_process_exit_is_bit_exact(models, tmp_path):
   spec = f"tests/tiny_config.py:{models[0]},{models[1]}"
   # Both runs in subprocesses with the same devices: a 1-device and an 8-device mesh differ in
   # the last bits of cross-device sums, which is not what this test is about.
-  out = _main(["--config", f"{spec},4", "--workdir", str(straight)])
+  out = run_main(["--config", f"{spec},4", "--workdir", str(straight)])
   assert out.returncode == 0, out.stderr[-2000:]
   resumed = tmp_path / "resumed"
-  first = _main(["--config", f"{spec},2", "--workdir", str(resumed)])
+  first = run_main(["--config", f"{spec},2", "--workdir", str(resumed)])
   assert first.returncode == 0, first.stderr[-2000:]
-  second = _main(["--config", f"{spec},4", "--workdir", str(resumed)])
+  second = run_main(["--config", f"{spec},4", "--workdir", str(resumed)])
   assert second.returncode == 0, second.stderr[-2000:]
   assert "resumed from" in second.stdout and "at step 2" in second.stdout
-  a, b = _metrics(straight), _metrics(resumed)
+  a, b = step_metrics(straight), step_metrics(resumed)
   assert sorted(b) == [1, 2, 3, 4]
   for step in (1, 2, 3, 4):
     for key in STEP_KEYS:
@@ -136,7 +122,7 @@ def test_non_finite_updates_stop_without_touching_the_good_checkpoint(models, tm
                      r"is step 2"):
     train.train(bad, tmp_path / "run")
   # The skipped step was logged, and its rollout did not feed the threshold.
-  step3 = _metrics(tmp_path / "run")[3]
+  step3 = step_metrics(tmp_path / "run")[3]
   assert step3["skipped"] == 1 and step3["tau_rejected"] == 1
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
   assert {p: p.read_bytes() for p in sorted(ckpt.rglob("*")) if p.is_file()} == before
@@ -246,7 +232,7 @@ def test_tokenizer_mismatch_is_a_config_error(models, tmp_path):
 
 def test_main_reports_bad_config_in_one_line_without_traceback(models, tmp_path):
   spec = f"tests/tiny_config.py:{models[0]},{models[1]},2"
-  out = _main(["--config", spec, "--workdir", str(tmp_path), "--config.kat.window=64"])
+  out = run_main(["--config", spec, "--workdir", str(tmp_path), "--config.kat.window=64"])
   assert out.returncode != 0
   assert "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines()[-1] == (
@@ -295,7 +281,7 @@ def test_command_line_mistakes_are_one_line(argv, message):
 
 
 def test_main_names_an_unknown_override_and_writes_nothing(tmp_path):
-  out = _main(["--config", "configs/arith.py", "--config.kat.windw=3", "--workdir",
+  out = run_main(["--config", "configs/arith.py", "--config.kat.windw=3", "--workdir",
                str(tmp_path / "run")])
   assert out.returncode != 0 and "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines() == [
@@ -307,19 +293,19 @@ def test_main_names_an_unknown_override_and_writes_nothing(tmp_path):
 def test_eval_and_export_modes_use_the_latest_checkpoint(models, tmp_path):
   spec = f"tests/tiny_config.py:{models[0]},{models[1]},2"
   workdir = tmp_path / "run"
-  out = _main(["--config", spec, "--workdir", str(workdir), "--config.mode=export"])
+  out = run_main(["--config", spec, "--workdir", str(workdir), "--config.mode=export"])
   assert out.returncode != 0 and "no checkpoint" in out.stderr.splitlines()[-1]
-  assert _main(["--config", spec, "--workdir", str(workdir)]).returncode == 0
+  assert run_main(["--config", spec, "--workdir", str(workdir)]).returncode == 0
   trained = {n: safetensors_io.read_tensor(i).tobytes() for n, i in
              safetensors_io.read_header(workdir / "export" / "model.safetensors").items()}
   import shutil
   shutil.rmtree(workdir / "export")
-  out = _main(["--config", spec, "--workdir", str(workdir), "--config.mode=export"])
+  out = run_main(["--config", spec, "--workdir", str(workdir), "--config.mode=export"])
   assert out.returncode == 0, out.stderr[-2000:]
   again = {n: safetensors_io.read_tensor(i).tobytes() for n, i in
            safetensors_io.read_header(workdir / "export" / "model.safetensors").items()}
   assert again == trained  # the checkpoint's params, not the initial student's
-  out = _main(["--config", spec, "--workdir", str(workdir), "--config.mode=eval"])
+  out = run_main(["--config", spec, "--workdir", str(workdir), "--config.mode=eval"])
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads((workdir / "eval.json").read_text())
   assert report["step"] == 2 and 0.0 <= report["macro"]["avg@4"] <= 1.0

@@ -1,5 +1,9 @@
 """Tiny random arithmetic-vocabulary student/teacher HF directories and a fast train config."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from flax import nnx
@@ -8,6 +12,8 @@ from kat_jax import hf
 from kat_jax.config import defaults
 from kat_jax.data import arith
 from kat_jax.models import ModelConfig, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_models(root: Path) -> tuple[Path, Path]:
@@ -45,3 +51,17 @@ def tiny_config(student: Path, teacher: Path, steps: int = 4):
   c.eval_size = 8
   c.compact_multiple = -1
   return c
+
+
+def run_main(args, cwd=ROOT):
+  """`python -m kat_jax.main ARGS` in a fresh process with one CPU device (a 1-device and an
+  8-device mesh differ in the last bits of cross-device sums) and the suite's compile flags."""
+  env = dict(os.environ, HF_HUB_OFFLINE="1", XLA_FLAGS=os.environ["KAT_JAX_TEST_XLA_FLAGS"])
+  return subprocess.run([sys.executable, "-m", "kat_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def step_metrics(workdir):
+  """{step: its metrics.jsonl record} of the training steps a run logged."""
+  lines = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r for r in lines if "loss" in r}
