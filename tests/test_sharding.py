@@ -55,9 +55,16 @@ def _step(student_dir, teacher_dir, mesh, microbatches=0, hlo=None):
   return new_params, new_opt, sharding.to_host(res), sharding.to_host(m)
 
 
+@pytest.fixture(scope="module")
+def reference(models):
+  """The one-device step every mesh is compared with, run once per module (per worker)."""
+  params, _, res, m = _step(*models, None)
+  return sharding.to_host(params), res, m
+
+
 @pytest.mark.parametrize("shape,microbatches", [(m, 0) for m in MESHES] + [((2, 2, 2), 2)])
-def test_train_step_on_a_mesh_equals_one_device(models, shape, microbatches):
-  ref_params, _, ref_res, ref_m = _step(*models, None)
+def test_train_step_on_a_mesh_equals_one_device(models, reference, shape, microbatches):
+  ref_params, ref_res, ref_m = reference
   mesh = sharding.make_mesh(shape)
   hlo = []
   params, opt, res, m = _step(*models, mesh, microbatches, hlo)
@@ -74,7 +81,7 @@ def test_train_step_on_a_mesh_equals_one_device(models, shape, microbatches):
   assert ref_res.terminated_B.any()  # KAT cut something: the masks are exercised
   np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-5)
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(sharding.to_host(params)),
-                               jax.tree_util.tree_leaves_with_path(sharding.to_host(ref_params))):
+                               jax.tree_util.tree_leaves_with_path(ref_params)):
     # Adam's first step is ~lr * sign(grad): a near-zero gradient entry summed in another order
     # may move by a fraction of lr = 1e-2, hence an absolute tolerance of 5e-5.
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path))
