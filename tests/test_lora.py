@@ -149,11 +149,11 @@ def test_lora_resume_after_process_exit_is_bit_exact_and_exports_both_ways(model
   import shutil
   other = shutil.copytree(models[0], tmp_path / "other_student")
   bad = run_main(["--config", f"{spec},4", "--workdir", str(resumed), *flags,
-               f"--config.student={other}"])
+                  f"--config.student={other}"])
   assert bad.returncode != 0 and "trained on another base" in bad.stderr.splitlines()[-1]
   # The same targets in another order are the same adapters.
   second = run_main(["--config", f"{spec},4", "--workdir", str(resumed), "--config.lora.rank=4",
-                  "--config.lora.targets=up_proj,v_proj,q_proj"])
+                     "--config.lora.targets=up_proj,v_proj,q_proj"])
   assert second.returncode == 0 and "at step 2" in second.stdout, second.stderr[-2000:]
   a, b = step_metrics(straight), step_metrics(resumed)
   for step in (1, 2, 3, 4):
@@ -169,7 +169,7 @@ def test_lora_resume_after_process_exit_is_bit_exact_and_exports_both_ways(model
   shutil.rmtree(resumed / "export")
   shutil.rmtree(resumed / "export_adapter")
   out = run_main(["--config", f"{spec},4", "--workdir", str(resumed), "--config.mode=export",
-               *flags])
+                  *flags])
   assert out.returncode == 0, out.stderr[-2000:]
   assert _tensors(straight / "export_adapter" / "adapter_model.safetensors") == _tensors(
       resumed / "export_adapter" / "adapter_model.safetensors")

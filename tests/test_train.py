@@ -282,7 +282,7 @@ def test_command_line_mistakes_are_one_line(argv, message):
 
 def test_main_names_an_unknown_override_and_writes_nothing(tmp_path):
   out = run_main(["--config", "configs/arith.py", "--config.kat.windw=3", "--workdir",
-               str(tmp_path / "run")])
+                  str(tmp_path / "run")])
   assert out.returncode != 0 and "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines() == [
       "error: --config.kat.windw: config.kat has no field 'windw'; did you mean "
