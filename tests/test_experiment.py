@@ -80,7 +80,9 @@ def test_long_sweep_table_reports_loops_lengths_and_weights(tmp_path):
     for name, avg, loops, weight in (("vanilla", 0.1, 0.2, 300.0), ("iw", 0.15, 0.1, 400.0)):
       d = tmp_path / f"s{seed}_{name}"
       d.mkdir()
-      report = {"k": 4, "macro": {"avg@4": avg + seed / 10, "pass@4": 0.3},
+      half = 0.03 if name == "vanilla" else 0.04  # the runs' own interval half-widths
+      report = {"k": 4, "macro": {"avg@4": avg + seed / 10, "pass@4": 0.3,
+                                  "avg@4_ci": [avg + seed / 10 - half, avg + seed / 10 + half]},
                 "benchmarks": {"heldout": {"mean_length": 100.0 + seed}}}
       (d / "eval_after.json").write_text(json.dumps(report))
       (d / "eval_before.json").write_text(json.dumps(report))
@@ -94,3 +96,8 @@ def test_long_sweep_table_reports_loops_lengths_and_weights(tmp_path):
   assert agg["iw"]["weight"] == [400.0, 400.0] and agg["vanilla"]["train_time"] == [120.0, 120.0]
   row = next(line for line in table.splitlines() if line.startswith("| iw |"))
   assert "| 0.100 ± 0.000 | 100.5 ± 0.7 |" in row and row.endswith("| 2.0 ± 0.0 min |")
+  # Δ's interval: 2 seeds × (iw, vanilla) independent normals with sd = half / 1.96, so the mean
+  # difference has sd sqrt(2 (0.04² + 0.03²)) / 2 / 1.96 = 0.025 / 1.96 * sqrt(2): ±0.0354.
+  assert agg["iw"]["d_avg_ci"] == pytest.approx([0.05 - 0.05 / np.sqrt(2), 0.05 + 0.05 / np.sqrt(2)])
+  assert "| 0.050 ± 0.000 [+0.015, +0.085] |" in row
+  assert agg["iw"]["d_pass_ci"] is None and "| 0.000 ± 0.000 |" in row  # no intervals: none shown

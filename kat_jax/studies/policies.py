@@ -289,6 +289,25 @@ def _jsonable(result: dict) -> dict:
 SWEEP_ORDER = ["vanilla", "kat", "spike", "floor", "esr", "random", "topk", "popd", "iw"]
 
 
+def delta_interval(runs: list[dict], bases: list[dict], field: str) -> list[float] | None:
+  """An approximate 95% interval of the mean over seeds of the paired differences run − vanilla
+  (None without intervals). The evaluation reports keep each run's own bootstrap interval over
+  problems, not per-problem scores, so the two runs of a seed are taken as independent normals
+  with sd = half-width / 1.96 (conservative: the draws share prompts): the mean of n differences
+  has half-width sqrt(sum of all 2n squared half-widths) / n."""
+  key = field.rstrip("_") + "_ci"  # run_stats' names: avg / avg_ci, pass_ / pass_ci
+  halves = [(r[key][1] - r[key][0]) / 2 for r in runs + bases if r.get(key)]
+  if not runs or len(halves) != 2 * len(runs):
+    return None
+  mean = float(np.mean([r[field] - b[field] for r, b in zip(runs, bases)]))
+  half = float(np.sqrt(np.sum(np.square(halves)))) / len(runs)
+  return [mean - half, mean + half]
+
+
+def fmt_interval(interval) -> str:
+  return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
+
+
 def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
   """The matched-budget training sweep (configs/smollm2_long_compare.py): per policy, mean ± sd
   over seeds of held-out accuracy (and each run's own interval), the paired difference to
@@ -307,10 +326,10 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
   k = next(iter(next(iter(groups.values())).values()))["k"]
 
   ms, ci = mean_sd, ci_half
-  lines = [f"| policy | seeds | avg@{k} (run CI ±) | Δ avg@{k} vs vanilla | pass@{k} (run CI ±) | "
-           f"Δ pass@{k} | held-out loop rate | held-out mean length | generated / rollout | "
-           "trained / rollout | loss weight / rollout | trap (cut) rate | s / step | run "
-           "wall (train) |", "|" + "---|" * 14]
+  lines = [f"| policy | seeds | avg@{k} (run CI ±) | Δ avg@{k} vs vanilla [≈95% CI] | "
+           f"pass@{k} (run CI ±) | Δ pass@{k} [≈95% CI] | held-out loop rate | held-out mean "
+           "length | generated / rollout | trained / rollout | loss weight / rollout | trap (cut) "
+           "rate | s / step | run wall (train) |", "|" + "---|" * 14]
   agg = {}
   for name in names:
     runs = groups[name]
@@ -320,10 +339,15 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
     agg[name] = {f: col(f) for f in ("avg", "pass_", "loop_after", "len_after", "generated",
                                      "trained", "weight", "trap", "step_time", "train_time")}
     agg[name].update(d_avg=d("avg"), d_pass=d("pass_"))
+    pairs = ([runs[s] for s in seeds if s in base], [base[s] for s in seeds if s in base])
+    agg[name].update(d_avg_ci=delta_interval(*pairs, "avg"),
+                     d_pass_ci=delta_interval(*pairs, "pass_"))
+    dcell = lambda f, i: (  # noqa: E731
+        f"{ms(d(f))} {fmt_interval(i)}" if name != "vanilla" else "—")
     lines.append(
         f"| {name} | {len(seeds)} | {ms(col('avg'))}{ci(col('avg_ci'))} | "
-        f"{ms(d('avg')) if name != 'vanilla' else '—'} | {ms(col('pass_'))}{ci(col('pass_ci'))} | "
-        f"{ms(d('pass_')) if name != 'vanilla' else '—'} | {ms(col('loop_after'))} | "
+        f"{dcell('avg', agg[name]['d_avg_ci'])} | {ms(col('pass_'))}{ci(col('pass_ci'))} | "
+        f"{dcell('pass_', agg[name]['d_pass_ci'])} | {ms(col('loop_after'))} | "
         f"{ms(col('len_after'), '.1f')} | {ms(col('generated'), '.1f')} | "
         f"{ms(col('trained'), '.1f')} | {ms(col('weight'), '.1f')} | {ms(col('trap'))} | "
         f"{ms(col('step_time'), '.2f')} | {ms([t / 60 for t in col('train_time')], '.1f')} min |")
