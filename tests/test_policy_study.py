@@ -137,3 +137,46 @@ def test_cut_plot_is_written(tmp_path):
   from PIL import Image
   with Image.open(tmp_path / "cuts.png") as im:
     assert im.size[0] > 1000 and im.size[1] > 500
+
+
+def test_an_interrupted_study_resumes_with_the_next_student(tmp_path, monkeypatch):
+  """Sampling a student's uncut rollouts takes tens of minutes at 512 tokens: a rerun reuses
+  rollouts saved for the same student, config, prompts and samples, and resamples otherwise."""
+  pytest.importorskip("matplotlib")
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(
+      "import ml_collections\n"
+      "from kat_jax import kat\n"
+      "def get_config(arg=None):\n"
+      "  k = {f: getattr(kat.KATConfig(), f) for f in kat.KATConfig.__dataclass_fields__}\n"
+      "  k.update(window=4, patience=2, min_len=8, spike_tau=2.0)\n"
+      "  return ml_collections.ConfigDict(dict(kat=k, threshold=dict(quantile=0.4),\n"
+      "                                        max_new_tokens=64, student='/init'))\n")
+  calls = []
+
+  def fake_sampler(config, student, n_prompts, samples, batch=16):
+    calls.append((student, samples))
+    data = _data(len(calls))
+    return dict(data, tokens=np.zeros_like(data["kl"], np.int32),
+                correct=np.zeros(len(data["length"]), bool))
+
+  monkeypatch.setattr(study, "uncut_rollouts", fake_sampler)
+  args = ["--config", str(cfg), "--initial", "--student", "after=/trained", "--samples", "2",
+          "--out", str(tmp_path / "out")]
+  study.main(args)
+  assert calls == [("/init", 2), ("/trained", 2)]
+  first = (tmp_path / "out" / "uncut.json").read_text()
+  (tmp_path / "out" / "uncut.json").unlink()  # as if the study stopped after sampling
+  study.main(args)
+  assert len(calls) == 2 and (tmp_path / "out" / "uncut.json").read_text() == first
+  # Another student at the same index, or other sampling settings: sampled anew.
+  study.main(args[:4] + ["after=/other"] + args[5:])
+  assert calls[2:] == [("/other", 2)]
+  study.main(args[:6] + ["4"] + args[7:])
+  assert calls[3:] == [("/init", 4), ("/trained", 4)]
+  # A file saved without its key (an older run) is not trusted either.
+  data = study.cached_rollouts(tmp_path / "out" / "rollouts_0.npz",
+                               dict(student="/init", config=str(cfg), prompts=32, samples=4))
+  assert data is not None and set(data) == set(study.SAVED)
+  np.savez(tmp_path / "old.npz", **data)
+  assert study.cached_rollouts(tmp_path / "old.npz", dict(student="/init")) is None

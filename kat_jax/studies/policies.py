@@ -21,7 +21,8 @@ smallest knob value that trains as many tokens as KAT does on these rollouts (`m
 and `random` draws KAT's cut lengths; the training sweep (configs/smollm2_long_compare.py) takes
 ESR's and random's matched knobs from its own runs. Writes DIR/uncut.md, DIR/uncut.json,
 DIR/policy_cuts.png and the rollouts' signals (DIR/rollouts_<i>.npz: `--reuse` redoes the analysis
-from them without sampling).
+from them without sampling; a plain rerun of an interrupted study reuses those sampled for the
+same student, config, prompts and samples, and samples the rest).
 """
 
 from __future__ import annotations
@@ -276,6 +277,23 @@ SAVED = ("kl", "logratio", "overlap", "tokens", "length", "eos", "loop", "window
          "correct")
 
 
+def save_rollouts(path: Path, data: dict, key: dict) -> None:
+  np.savez_compressed(path, **{f: data[f] for f in SAVED},
+                      **{f"key_{f}": np.asarray(v) for f, v in key.items()})
+
+
+def cached_rollouts(path: Path, key: dict) -> dict | None:
+  """The rollouts an earlier, interrupted study saved at `path` if they were sampled for the same
+  student, config, prompts and samples (`key`, stored beside them), else None: a rerun resumes
+  with the next student instead of resampling (tens of minutes per student at 512 tokens here)."""
+  if not path.is_file():
+    return None
+  with np.load(path) as f:
+    if any(f"key_{k}" not in f.files or f[f"key_{k}"].item() != v for k, v in key.items()):
+      return None
+    return {k: f[k] for k in SAVED}
+
+
 def _jsonable(result: dict) -> dict:
   return dict(scores=result["scores"], knobs=result["knobs"], kat_target=result["kat_target"],
               tau=result["tau"])
@@ -396,11 +414,14 @@ def main(argv=None) -> None:
   texts, summary = [], {}
   for i, (label, student) in enumerate(students):
     saved = out / f"rollouts_{i}.npz"
+    key = dict(student=student, config=args.config, prompts=args.prompts, samples=args.samples)
     if args.reuse:
       data = dict(np.load(saved))
+    elif (data := cached_rollouts(saved, key)) is not None:
+      print(f"{label}: the uncut rollouts of an earlier run ({saved}), not resampled", flush=True)
     else:
       data = uncut_rollouts(config, student, args.prompts, args.samples, batch=args.batch)
-      np.savez_compressed(saved, **{f: data[f] for f in SAVED})
+      save_rollouts(saved, data, key)
     result = study(data, config)
     texts.append(report(data, result, label))
     summary[label] = dict(_jsonable(result), by_position=kl_by_position(data))
