@@ -180,3 +180,30 @@ def test_an_interrupted_study_resumes_with_the_next_student(tmp_path, monkeypatc
   assert data is not None and set(data) == set(study.SAVED)
   np.savez(tmp_path / "old.npz", **data)
   assert study.cached_rollouts(tmp_path / "old.npz", dict(student="/init")) is None
+
+
+def test_training_curves_plot_every_policy(tmp_path):
+  pytest.importorskip("matplotlib")
+  for seed in (0, 1):
+    for name in ("vanilla", "kat"):
+      d = tmp_path / f"s{seed}_{name}"
+      d.mkdir()
+      (d / "summary.json").write_text("{}")
+      (d / "metrics.jsonl").write_text("".join(
+          json.dumps(dict(step=i, loop_rate=i / 10, gen_len=50.0 * i, trained_len=40.0 * i)) + "\n"
+          for i in range(1, 11)) + json.dumps(dict(step=10, **{"final/avg@4": 0.1})) + "\n")
+  (tmp_path / "s0_unfinished").mkdir()  # no summary.json: not plotted
+  (tmp_path / "s1_kat" / "metrics.jsonl").write_text("".join(  # seed 1 of kat: twice the loops
+      json.dumps(dict(step=i, loop_rate=i / 5, gen_len=50.0 * i, trained_len=40.0 * i)) + "\n"
+      for i in range(1, 11)))
+  curves = study.training_curves(tmp_path, smooth=3)
+  assert set(curves) == {"vanilla", "kat"} and curves["kat"]["seeds"] == 2
+  assert curves["kat"]["steps"] == list(range(1, 11))
+  # Step 5: seeds' mean 0.75 · step, trailing mean over steps 3, 4, 5.
+  assert curves["kat"]["loop_rate"][4] == pytest.approx(0.15 * 4)
+  assert curves["kat"]["loop_rate"][0] == pytest.approx(0.15)  # only step 1 so far
+  assert curves["vanilla"]["gen_len"][9] == pytest.approx(450.0)
+  study.plot_training(tmp_path, tmp_path / "training.png", ["vanilla", "kat"])
+  from PIL import Image
+  with Image.open(tmp_path / "training.png") as im:
+    assert im.size[0] > 1000 and im.size[1] > 300

@@ -379,6 +379,53 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
   return "\n".join(lines), agg
 
 
+TRAINING_FIELDS = [("loop_rate", "rollouts with a loop"), ("gen_len", "generated / rollout"),
+                   ("trained_len", "trained / rollout")]
+
+
+def training_curves(sweep_dir: Path, smooth: int = 5) -> dict[str, dict]:
+  """Per finished run's policy: its steps, the number of seeds, and per TRAINING_FIELDS the value
+  per step, averaged over seeds and then over the last `smooth` steps (a trailing mean)."""
+  import re
+  runs: dict[str, list[dict]] = {}
+  for run_dir in sorted(Path(sweep_dir).iterdir()):
+    m = re.fullmatch(r"s(\d+)_(\w+)", run_dir.name)
+    if m and (run_dir / "summary.json").is_file():
+      rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+      runs.setdefault(m[2], []).append({r["step"]: r for r in rows if "gen_len" in r})
+  curves = {}
+  for name, seeds in runs.items():
+    steps = sorted(set.intersection(*(set(r) for r in seeds)))
+    curves[name] = dict(steps=steps, seeds=len(seeds))
+    for field, _ in TRAINING_FIELDS:
+      y = np.array([np.mean([r[s][field] for r in seeds]) for s in steps])
+      curves[name][field] = [float(y[max(0, j - smooth + 1):j + 1].mean()) for j in range(len(y))]
+  return curves
+
+
+def plot_training(sweep_dir: Path, path: Path, order: list[str], smooth: int = 5) -> None:
+  """How each policy's training rollouts degenerate (`training_curves`), one line per policy."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  curves = training_curves(sweep_dir, smooth)
+  names = [n for n in order if n in curves] + sorted(set(curves) - set(order))
+  fig, axes = plt.subplots(1, len(TRAINING_FIELDS), figsize=(15, 4.2))
+  for i, name in enumerate(names):
+    c = curves[name]
+    for ax, (field, title) in zip(axes, TRAINING_FIELDS):
+      ax.plot(c["steps"], c[field], color=plt.cm.tab10(i % 10), ls="-" if i < 10 else "--",
+              lw=1.3 if name in ("vanilla", "kat") else 0.9,
+              label=f"{name} ({c['seeds']} seed{'s' * (c['seeds'] > 1)})")
+      ax.set_title(f"{title} (mean of the last {smooth} steps)", fontsize=9)
+      ax.set_xlabel("training step")
+  axes[0].legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description="uncut truncation-policy study (module docstring)")
   parser.add_argument("--config", default="", help="a config file[:arg] (the uncut study)")
@@ -392,14 +439,19 @@ def main(argv=None) -> None:
   parser.add_argument("--reuse", action="store_true",
                       help="analyse OUT/rollouts_<i>.npz from an earlier run instead of sampling")
   parser.add_argument("--out", required=True, help="directory for uncut.md / .json / .png")
-  parser.add_argument("--sweep", default="", help="instead: the training sweep's table "
-                      "(configs/smollm2_long_compare.py's DIR) into OUT/sweep.md")
+  parser.add_argument("--sweep", default="", help="instead: the training sweep's table and "
+                      "curves (configs/smollm2_long_compare.py's DIR) into OUT/sweep.md, "
+                      "OUT/training.png")
   args = parser.parse_args(argv)
   if args.sweep:
     table, agg = sweep_table(Path(args.sweep), SWEEP_ORDER)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "sweep.md").write_text(table + "\n")
     (Path(args.out) / "sweep.json").write_text(json.dumps(agg, indent=2) + "\n")
+    try:
+      plot_training(Path(args.sweep), Path(args.out) / "training.png", SWEEP_ORDER)
+    except ImportError:
+      print("(no training.png: the plots need matplotlib -- pip install -e '.[plot]')")
     print(table)
     return
   if not args.config:
