@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -326,17 +327,22 @@ def fmt_interval(interval) -> str:
   return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
 
 
+def finished_runs(sweep_dir: Path):
+  """(policy, seed, run dir) of the sweep's finished runs (DIR/s<seed>_<policy>/summary.json)."""
+  for run_dir in sorted(Path(sweep_dir).iterdir()):
+    m = re.fullmatch(r"s(\d+)_(\w+)", run_dir.name)
+    if m and (run_dir / "summary.json").is_file():
+      yield m[2], int(m[1]), run_dir
+
+
 def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
   """The matched-budget training sweep (configs/smollm2_long_compare.py): per policy, mean ± sd
   over seeds of held-out accuracy (and each run's own interval), the paired difference to
   vanilla, loop rate and length of held-out samples after training, tokens generated / trained /
   loss weight per rollout, and time."""
-  import re
   groups: dict[str, dict[int, dict]] = {}
-  for run_dir in sorted(Path(sweep_dir).iterdir()):
-    m = re.fullmatch(r"s(\d+)_(\w+)", run_dir.name)
-    if m and (run_dir / "summary.json").is_file():
-      groups.setdefault(m[2], {})[int(m[1])] = run_stats(run_dir)
+  for name, seed, run_dir in finished_runs(sweep_dir):
+    groups.setdefault(name, {})[seed] = run_stats(run_dir)
   if not groups:
     return "(no finished runs)", {}
   names = [n for n in order if n in groups] + sorted(set(groups) - set(order))
@@ -386,13 +392,10 @@ TRAINING_FIELDS = [("loop_rate", "rollouts with a loop"), ("gen_len", "generated
 def training_curves(sweep_dir: Path, smooth: int = 5) -> dict[str, dict]:
   """Per finished run's policy: its steps, the number of seeds, and per TRAINING_FIELDS the value
   per step, averaged over seeds and then over the last `smooth` steps (a trailing mean)."""
-  import re
   runs: dict[str, list[dict]] = {}
-  for run_dir in sorted(Path(sweep_dir).iterdir()):
-    m = re.fullmatch(r"s(\d+)_(\w+)", run_dir.name)
-    if m and (run_dir / "summary.json").is_file():
-      rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-      runs.setdefault(m[2], []).append({r["step"]: r for r in rows if "gen_len" in r})
+  for name, _, run_dir in finished_runs(sweep_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    runs.setdefault(name, []).append({r["step"]: r for r in rows if "gen_len" in r})
   curves = {}
   for name, seeds in runs.items():
     steps = sorted(set.intersection(*(set(r) for r in seeds)))
