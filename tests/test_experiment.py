@@ -100,4 +100,5 @@ def test_long_sweep_table_reports_loops_lengths_and_weights(tmp_path):
   # difference has sd sqrt(2 (0.04² + 0.03²)) / 2 / 1.96 = 0.025 / 1.96 * sqrt(2): ±0.0354.
   assert agg["iw"]["d_avg_ci"] == pytest.approx([0.05 - 0.05 / np.sqrt(2), 0.05 + 0.05 / np.sqrt(2)])
   assert "| 0.050 ± 0.000 [+0.015, +0.085] |" in row
+  assert "Training time of the 4 finished runs: 0.1 h" in table  # 4 × 12 steps × 10 s
   assert agg["iw"]["d_pass_ci"] is None and "| 0.000 ± 0.000 |" in row  # no intervals: none shown

@@ -382,6 +382,10 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
                  f"{len(befores)} evaluations): avg@{k} {fmt('avg_before')}, pass@{k} "
                  f"{fmt('pass_before')}, held-out loop rate {fmt('loop_before')}, mean length "
                  f"{fmt('len_before', '.1f')}.")
+  runs = [r for g in groups.values() for r in g.values()]
+  lines.append(f"\nTraining time of the {len(runs)} finished runs: "
+               f"{sum(r['train_time'] for r in runs) / 3600:.1f} h (the steps' wall-clock; "
+               "loading, compiling and the held-out evaluations come on top).")
   return "\n".join(lines), agg
 
 
