@@ -6,8 +6,9 @@
 #   bash launch/records.sh restore WORKDIR RECORDS   # RECORDS -> WORKDIR (never overwrites)
 #
 # A run is finished when it has summary.json; its records are what the tables read (config,
-# summary, evaluations, per-step metrics, per-rollout lengths) -- not its checkpoints, exports or
-# TensorBoard files. A study directory (uncut*, tables) is kept without its rollout arrays.
+# summary, evaluations, per-step metrics, per-rollout lengths, and contended.txt where someone
+# noted that the run shared the machine, so its timing is left out) -- not its checkpoints,
+# exports or TensorBoard files. A study directory (uncut*, tables) is kept without its rollout arrays.
 set -euo pipefail
 MODE="${1:?usage: records.sh save|restore WORKDIR RECORDS}"
 DIR="${2:?usage: records.sh save|restore WORKDIR RECORDS}"
@@ -20,7 +21,7 @@ case "$MODE" in
       if [[ -f "$run/summary.json" ]]; then
         mkdir -p "$RECORDS/$name"
         for f in config.json summary.json eval_before.json eval_after.json metrics.jsonl \
-                 rollouts.jsonl; do
+                 rollouts.jsonl contended.txt; do
           [[ -f "$run/$f" ]] && cp "$run/$f" "$RECORDS/$name/"
         done
       elif [[ -f "$run/uncut.json" || -f "$run/sweep.md" ]]; then

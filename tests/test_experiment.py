@@ -91,14 +91,20 @@ def test_long_sweep_table_reports_loops_lengths_and_weights(tmp_path):
           loop_before=0.3, mean_trained_weight=weight, loop_rate=0.25)))
       (d / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i, step_time=10.0))
                                                + "\n" for i in range(12)))
+  # A run that shared the machine: its times are not the policy's, and the table says so.
+  (tmp_path / "s1_iw" / "metrics.jsonl").write_text("".join(
+      json.dumps(dict(step=i, step_time=30.0)) + "\n" for i in range(12)))
+  (tmp_path / "s1_iw" / "contended.txt").write_text("tests ran beside it\n")
   table, agg = policies.sweep_table(tmp_path, ["vanilla", "iw"])
   assert agg["iw"]["d_avg"] == pytest.approx([0.05, 0.05])
   assert agg["iw"]["weight"] == [400.0, 400.0] and agg["vanilla"]["train_time"] == [120.0, 120.0]
+  assert agg["iw"]["step_time"] == [10.0] and agg["iw"]["train_time"] == [120.0]
   row = next(line for line in table.splitlines() if line.startswith("| iw |"))
-  assert "| 0.100 ± 0.000 | 100.5 ± 0.7 |" in row and row.endswith("| 2.0 ± 0.0 min |")
+  assert "| 0.100 ± 0.000 | 100.5 ± 0.7 |" in row and row.endswith("| 10.00† | 2.0 min† |")
+  assert "left out: s1_iw (tests ran beside it)." in table
   # Δ's interval: 2 seeds × (iw, vanilla) independent normals with sd = half / 1.96, so the mean
   # difference has sd sqrt(2 (0.04² + 0.03²)) / 2 / 1.96 = 0.025 / 1.96 * sqrt(2): ±0.0354.
   assert agg["iw"]["d_avg_ci"] == pytest.approx([0.05 - 0.05 / np.sqrt(2), 0.05 + 0.05 / np.sqrt(2)])
   assert "| 0.050 ± 0.000 [+0.015, +0.085] |" in row
-  assert "Training time of the 4 finished runs: 0.1 h" in table  # 4 × 12 steps × 10 s
+  assert "Training time of the 4 finished runs: 0.2 h" in table  # 12 steps × (3 × 10 s + 30 s)
   assert agg["iw"]["d_pass_ci"] is None and "| 0.000 ± 0.000 |" in row  # no intervals: none shown

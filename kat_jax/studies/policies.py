@@ -339,10 +339,14 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
   """The matched-budget training sweep (configs/smollm2_long_compare.py): per policy, mean ± sd
   over seeds of held-out accuracy (and each run's own interval), the paired difference to
   vanilla, loop rate and length of held-out samples after training, tokens generated / trained /
-  loss weight per rollout, and time."""
+  loss weight per rollout, and time -- without the runs whose directory holds a contended.txt
+  (why their timing is not comparable: the machine was shared)."""
   groups: dict[str, dict[int, dict]] = {}
+  contended = {}  # run -> why its timing is not comparable (the run's contended.txt)
   for name, seed, run_dir in finished_runs(sweep_dir):
-    groups.setdefault(name, {})[seed] = run_stats(run_dir)
+    groups.setdefault(name, {})[seed] = stats = run_stats(run_dir)
+    if (run_dir / "contended.txt").is_file():
+      stats["contended"] = contended[run_dir.name] = (run_dir / "contended.txt").read_text().strip()
   if not groups:
     return "(no finished runs)", {}
   names = [n for n in order if n in groups] + sorted(set(groups) - set(order))
@@ -368,13 +372,19 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
                      d_pass_ci=delta_interval(*pairs, "pass_"))
     dcell = lambda f, i: (  # noqa: E731
         f"{ms(d(f))} {fmt_interval(i)}" if name != "vanilla" else "—")
+    # Times only from runs that had the machine to themselves.
+    alone = [s for s in seeds if not runs[s].get("contended")]
+    mark = "†" if len(alone) < len(seeds) else ""
+    agg[name].update(step_time=[runs[s]["step_time"] for s in alone],
+                     train_time=[runs[s]["train_time"] for s in alone])
     lines.append(
         f"| {name} | {len(seeds)} | {ms(col('avg'))}{ci(col('avg_ci'))} | "
         f"{dcell('avg', agg[name]['d_avg_ci'])} | {ms(col('pass_'))}{ci(col('pass_ci'))} | "
         f"{dcell('pass_', agg[name]['d_pass_ci'])} | {ms(col('loop_after'))} | "
         f"{ms(col('len_after'), '.1f')} | {ms(col('generated'), '.1f')} | "
         f"{ms(col('trained'), '.1f')} | {ms(col('weight'), '.1f')} | {ms(col('trap'))} | "
-        f"{ms(col('step_time'), '.2f')} | {ms([t / 60 for t in col('train_time')], '.1f')} min |")
+        f"{ms(agg[name]['step_time'], '.2f')}{mark} | "
+        f"{ms([t / 60 for t in agg[name]['train_time']], '.1f')} min{mark} |")
   befores = [r for g in groups.values() for r in g.values() if r["avg_before"] is not None]
   if befores:
     fmt = lambda f, p=".3f": ms([r[f] for r in befores], p)  # noqa: E731
@@ -382,6 +392,9 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
                  f"{len(befores)} evaluations): avg@{k} {fmt('avg_before')}, pass@{k} "
                  f"{fmt('pass_before')}, held-out loop rate {fmt('loop_before')}, mean length "
                  f"{fmt('len_before', '.1f')}.")
+  if contended:
+    lines.append("\n† Timed on the runs that had the machine to themselves; left out: " + "; ".join(
+        f"{run} ({why})" for run, why in sorted(contended.items())) + ".")
   runs = [r for g in groups.values() for r in g.values()]
   lines.append(f"\nTraining time of the {len(runs)} finished runs: "
                f"{sum(r['train_time'] for r in runs) / 3600:.1f} h (the steps' wall-clock; "
