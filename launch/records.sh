@@ -8,7 +8,8 @@
 # A run is finished when it has summary.json; its records are what the tables read (config,
 # summary, evaluations, per-step metrics, per-rollout lengths, and contended.txt where someone
 # noted that the run shared the machine, so its timing is left out) -- not its checkpoints,
-# exports or TensorBoard files. A study directory (uncut*, tables) is kept without its rollout arrays.
+# exports or TensorBoard files. A study directory (uncut*, tables) is kept without its rollout
+# arrays.
 set -euo pipefail
 MODE="${1:?usage: records.sh save|restore WORKDIR RECORDS}"
 DIR="${2:?usage: records.sh save|restore WORKDIR RECORDS}"

@@ -87,12 +87,18 @@ def ci_half(cis) -> str:
   return f" (±{np.mean([(c[1] - c[0]) / 2 for c in cis]):.3f})" if cis else ""
 
 
-def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, dict]:
-  groups: dict[str, dict[int, dict]] = {}
-  for run_dir in sorted(sweep_dir.iterdir()):
+def finished_runs(sweep_dir: Path):
+  """(variant, seed, run dir) of a sweep's finished runs (DIR/s<seed>_<variant>/summary.json)."""
+  for run_dir in sorted(Path(sweep_dir).iterdir()):
     m = re.fullmatch(r"s(\d+)_(\w+)", run_dir.name)
     if m and (run_dir / "summary.json").is_file():
-      groups.setdefault(m[2], {})[int(m[1])] = run_stats(run_dir)
+      yield m[2], int(m[1]), run_dir
+
+
+def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, dict]:
+  groups: dict[str, dict[int, dict]] = {}
+  for name, seed, run_dir in finished_runs(sweep_dir):
+    groups.setdefault(name, {})[seed] = run_stats(run_dir)
   names = [n for n in (order or []) if n in groups] + sorted(set(groups) - set(order or []))
   k = next(iter(next(iter(groups.values())).values()))["k"] if groups else 4
   base = groups.get("vanilla", {})

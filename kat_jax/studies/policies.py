@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ from kat_jax import grading, kat
 from kat_jax.config import kat_config
 from kat_jax.configfile import load_module
 from kat_jax.studies import loops
-from kat_jax.studies.experiment import ci_half, mean_sd, run_stats
+from kat_jax.studies.experiment import ci_half, finished_runs, mean_sd, run_stats
 
 
 def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed: int = 0,
@@ -327,14 +326,6 @@ def fmt_interval(interval) -> str:
   return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
 
 
-def finished_runs(sweep_dir: Path):
-  """(policy, seed, run dir) of the sweep's finished runs (DIR/s<seed>_<policy>/summary.json)."""
-  for run_dir in sorted(Path(sweep_dir).iterdir()):
-    m = re.fullmatch(r"s(\d+)_(\w+)", run_dir.name)
-    if m and (run_dir / "summary.json").is_file():
-      yield m[2], int(m[1]), run_dir
-
-
 def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
   """The matched-budget training sweep (configs/smollm2_long_compare.py): per policy, mean ± sd
   over seeds of held-out accuracy (and each run's own interval), the paired difference to
@@ -365,7 +356,7 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
     col = lambda f: [runs[s][f] for s in seeds]  # noqa: E731
     d = lambda f: [runs[s][f] - base[s][f] for s in seeds if s in base]  # noqa: E731
     agg[name] = {f: col(f) for f in ("avg", "pass_", "loop_after", "len_after", "generated",
-                                     "trained", "weight", "trap", "step_time", "train_time")}
+                                     "trained", "weight", "trap")}
     agg[name].update(d_avg=d("avg"), d_pass=d("pass_"))
     pairs = ([runs[s] for s in seeds if s in base], [base[s] for s in seeds if s in base])
     agg[name].update(d_avg_ci=delta_interval(*pairs, "avg"),
@@ -395,9 +386,9 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
   if contended:
     lines.append("\n† Timed on the runs that had the machine to themselves; left out: " + "; ".join(
         f"{run} ({why})" for run, why in sorted(contended.items())) + ".")
-  runs = [r for g in groups.values() for r in g.values()]
-  lines.append(f"\nTraining time of the {len(runs)} finished runs: "
-               f"{sum(r['train_time'] for r in runs) / 3600:.1f} h (the steps' wall-clock; "
+  every_run = [r for g in groups.values() for r in g.values()]
+  lines.append(f"\nTraining time of the {len(every_run)} finished runs: "
+               f"{sum(r['train_time'] for r in every_run) / 3600:.1f} h (the steps' wall-clock; "
                "loading, compiling and the held-out evaluations come on top).")
   return "\n".join(lines), agg
 
