@@ -71,7 +71,11 @@ def test_sweep_table_pairs_seeds_against_vanilla(tmp_path):
   assert agg["plain"]["d_avg"] == pytest.approx(0.05)
   assert agg["vanilla"]["step_time"] == pytest.approx(0.25 + 8 / 1e3)  # median of steps 6..10
   assert table.splitlines()[2].startswith("| vanilla | 2 | 0.550 ± 0.071 (±0.020) | — |")
-  assert "| plain | 2 | 0.600 ± 0.071 (±0.020) | 0.050 ± 0.000 |" in table
+  # Δ's interval: 4 runs with half-width 0.02 as independent normals, mean of 2 differences:
+  # ±sqrt(4 × 0.02²) / 2 = ±0.02. Δ pass@4 is 0 with the same width.
+  assert agg["plain"]["d_avg_ci"] == pytest.approx([0.03, 0.07])
+  assert "| plain | 2 | 0.600 ± 0.071 (±0.020) | 0.050 ± 0.000 [+0.030, +0.070] |" in table
+  assert "| 0.000 ± 0.000 [-0.020, +0.020] |" in table
 
 
 def test_long_sweep_table_reports_loops_lengths_and_weights(tmp_path):
@@ -107,4 +111,4 @@ def test_long_sweep_table_reports_loops_lengths_and_weights(tmp_path):
   assert agg["iw"]["d_avg_ci"] == pytest.approx([0.05 - 0.05 / np.sqrt(2), 0.05 + 0.05 / np.sqrt(2)])
   assert "| 0.050 ± 0.000 [+0.015, +0.085] |" in row
   assert "Training time of the 4 finished runs: 0.2 h" in table  # 12 steps × (3 × 10 s + 30 s)
-  assert agg["iw"]["d_pass_ci"] is None and "| 0.000 ± 0.000 |" in row  # no intervals: none shown
+  assert agg["iw"]["d_pass_ci"] is None and "| 0.000 ± 0.000 | 0.100 ± 0.000 |" in row  # Δ pass: no interval

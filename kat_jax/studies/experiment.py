@@ -95,6 +95,30 @@ def finished_runs(sweep_dir: Path):
       yield m[2], int(m[1]), run_dir
 
 
+def delta_interval(runs: list[dict], bases: list[dict], field: str) -> list[float] | None:
+  """An approximate 95% interval of the mean over seeds of the paired differences run − vanilla
+  (None without intervals). The evaluation reports keep each run's own bootstrap interval over
+  problems, not per-problem scores, so the two runs of a seed are taken as independent normals
+  with sd = half-width / 1.96 (conservative: the draws share prompts): the mean of n differences
+  has half-width sqrt(sum of all 2n squared half-widths) / n."""
+  key = field.rstrip("_") + "_ci"  # run_stats' names: avg / avg_ci, pass_ / pass_ci
+  halves = [(r[key][1] - r[key][0]) / 2 for r in runs + bases if r.get(key)]
+  if not runs or len(halves) != 2 * len(runs):
+    return None
+  mean = float(np.mean([r[field] - b[field] for r, b in zip(runs, bases)]))
+  half = float(np.sqrt(np.sum(np.square(halves)))) / len(runs)
+  return [mean - half, mean + half]
+
+
+def fmt_interval(interval) -> str:
+  return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
+
+
+def delta_cell(deltas, interval) -> str:
+  """'mean ± sd [lo, hi]' of paired differences over seeds (the interval only where known)."""
+  return f"{mean_sd(deltas)} {fmt_interval(interval)}".rstrip()
+
+
 def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, dict]:
   groups: dict[str, dict[int, dict]] = {}
   for name, seed, run_dir in finished_runs(sweep_dir):
@@ -103,8 +127,9 @@ def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, d
   k = next(iter(next(iter(groups.values())).values()))["k"] if groups else 4
   base = groups.get("vanilla", {})
 
-  lines = [f"| variant | seeds | avg@{k} after (CI ±) | Δ avg@{k} vs vanilla | pass@{k} after (CI ±) "
-           f"| Δ pass@{k} vs vanilla | trained tokens / rollout | generated tokens / rollout "
+  lines = [f"| variant | seeds | avg@{k} after (CI ±) | Δ avg@{k} vs vanilla [≈95% CI] "
+           f"| pass@{k} after (CI ±) | Δ pass@{k} vs vanilla [≈95% CI] "
+           f"| trained tokens / rollout | generated tokens / rollout "
            f"| trap rate | s / step |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   agg = {}
@@ -113,18 +138,22 @@ def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, d
     seeds = sorted(runs)
     avg = [runs[s]["avg"] for s in seeds]
     pas = [runs[s]["pass_"] for s in seeds]
-    d_avg = [runs[s]["avg"] - base[s]["avg"] for s in seeds if s in base]
-    d_pass = [runs[s]["pass_"] - base[s]["pass_"] for s in seeds if s in base]
+    paired = [s for s in seeds if s in base]
+    d_avg = [runs[s]["avg"] - base[s]["avg"] for s in paired]
+    d_pass = [runs[s]["pass_"] - base[s]["pass_"] for s in paired]
+    pairs = [runs[s] for s in paired], [base[s] for s in paired]
+    d_avg_ci, d_pass_ci = delta_interval(*pairs, "avg"), delta_interval(*pairs, "pass_")
     agg[name] = dict(avg=float(np.mean(avg)), pass_=float(np.mean(pas)),
                      d_avg=float(np.mean(d_avg)) if d_avg else None,
                      d_pass=float(np.mean(d_pass)) if d_pass else None,
+                     d_avg_ci=d_avg_ci, d_pass_ci=d_pass_ci,
                      trained=float(np.mean([runs[s]["trained"] for s in seeds])),
                      step_time=float(np.mean([runs[s]["step_time"] for s in seeds])))
     lines.append(
         f"| {name} | {len(seeds)} | {mean_sd(avg)}{ci_half([runs[s]['avg_ci'] for s in seeds])} | "
-        f"{mean_sd(d_avg) if name != 'vanilla' else '—'} | "
+        f"{delta_cell(d_avg, d_avg_ci) if name != 'vanilla' else '—'} | "
         f"{mean_sd(pas)}{ci_half([runs[s]['pass_ci'] for s in seeds])} | "
-        f"{mean_sd(d_pass) if name != 'vanilla' else '—'} | "
+        f"{delta_cell(d_pass, d_pass_ci) if name != 'vanilla' else '—'} | "
         f"{np.mean([runs[s]['trained'] for s in seeds]):.1f} | "
         f"{np.mean([runs[s]['generated'] for s in seeds]):.1f} | "
         f"{np.mean([runs[s]['trap'] for s in seeds]):.3f} | "

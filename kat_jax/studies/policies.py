@@ -38,7 +38,8 @@ from kat_jax import grading, kat
 from kat_jax.config import kat_config
 from kat_jax.configfile import load_module
 from kat_jax.studies import loops
-from kat_jax.studies.experiment import ci_half, finished_runs, mean_sd, run_stats
+from kat_jax.studies.experiment import (ci_half, delta_cell, delta_interval, finished_runs,
+                                        mean_sd, run_stats)
 
 
 def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed: int = 0,
@@ -307,25 +308,6 @@ def _jsonable(result: dict) -> dict:
 SWEEP_ORDER = ["vanilla", "kat", "spike", "floor", "esr", "random", "topk", "popd", "iw"]
 
 
-def delta_interval(runs: list[dict], bases: list[dict], field: str) -> list[float] | None:
-  """An approximate 95% interval of the mean over seeds of the paired differences run − vanilla
-  (None without intervals). The evaluation reports keep each run's own bootstrap interval over
-  problems, not per-problem scores, so the two runs of a seed are taken as independent normals
-  with sd = half-width / 1.96 (conservative: the draws share prompts): the mean of n differences
-  has half-width sqrt(sum of all 2n squared half-widths) / n."""
-  key = field.rstrip("_") + "_ci"  # run_stats' names: avg / avg_ci, pass_ / pass_ci
-  halves = [(r[key][1] - r[key][0]) / 2 for r in runs + bases if r.get(key)]
-  if not runs or len(halves) != 2 * len(runs):
-    return None
-  mean = float(np.mean([r[field] - b[field] for r, b in zip(runs, bases)]))
-  half = float(np.sqrt(np.sum(np.square(halves)))) / len(runs)
-  return [mean - half, mean + half]
-
-
-def fmt_interval(interval) -> str:
-  return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
-
-
 def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
   """The matched-budget training sweep (configs/smollm2_long_compare.py): per policy, mean ± sd
   over seeds of held-out accuracy (and each run's own interval), the paired difference to
@@ -361,8 +343,7 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
     pairs = ([runs[s] for s in seeds if s in base], [base[s] for s in seeds if s in base])
     agg[name].update(d_avg_ci=delta_interval(*pairs, "avg"),
                      d_pass_ci=delta_interval(*pairs, "pass_"))
-    dcell = lambda f, i: (  # noqa: E731
-        f"{ms(d(f))} {fmt_interval(i)}" if name != "vanilla" else "—")
+    dcell = lambda f, i: delta_cell(d(f), i) if name != "vanilla" else "—"  # noqa: E731
     # Times only from runs that had the machine to themselves.
     alone = [s for s in seeds if not runs[s].get("contended")]
     mark = "†" if len(alone) < len(seeds) else ""
