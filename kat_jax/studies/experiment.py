@@ -114,6 +114,14 @@ def fmt_interval(interval) -> str:
   return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""
 
 
+def paired_delta(runs: dict[int, dict], base: dict[int, dict], field: str):
+  """The paired differences run − vanilla of `field` over the seeds both have, and the
+  approximate 95% interval of their mean (delta_interval)."""
+  seeds = [s for s in sorted(runs) if s in base]
+  deltas = [runs[s][field] - base[s][field] for s in seeds]
+  return deltas, delta_interval([runs[s] for s in seeds], [base[s] for s in seeds], field)
+
+
 def delta_cell(deltas, interval) -> str:
   """'mean ± sd [lo, hi]' of paired differences over seeds (the interval only where known)."""
   return f"{mean_sd(deltas)} {fmt_interval(interval)}".rstrip()
@@ -138,11 +146,7 @@ def sweep_table(sweep_dir: Path, order: list[str] | None = None) -> tuple[str, d
     seeds = sorted(runs)
     avg = [runs[s]["avg"] for s in seeds]
     pas = [runs[s]["pass_"] for s in seeds]
-    paired = [s for s in seeds if s in base]
-    d_avg = [runs[s]["avg"] - base[s]["avg"] for s in paired]
-    d_pass = [runs[s]["pass_"] - base[s]["pass_"] for s in paired]
-    pairs = [runs[s] for s in paired], [base[s] for s in paired]
-    d_avg_ci, d_pass_ci = delta_interval(*pairs, "avg"), delta_interval(*pairs, "pass_")
+    (d_avg, d_avg_ci), (d_pass, d_pass_ci) = (paired_delta(runs, base, f) for f in ("avg", "pass_"))
     agg[name] = dict(avg=float(np.mean(avg)), pass_=float(np.mean(pas)),
                      d_avg=float(np.mean(d_avg)) if d_avg else None,
                      d_pass=float(np.mean(d_pass)) if d_pass else None,

@@ -38,8 +38,8 @@ from kat_jax import grading, kat
 from kat_jax.config import kat_config
 from kat_jax.configfile import load_module
 from kat_jax.studies import loops
-from kat_jax.studies.experiment import (ci_half, delta_cell, delta_interval, finished_runs,
-                                        mean_sd, run_stats)
+from kat_jax.studies.experiment import (ci_half, delta_cell, finished_runs, mean_sd,
+                                        paired_delta, run_stats)
 
 
 def uncut_rollouts(config, student_dir: str, n_prompts: int, samples: int, seed: int = 0,
@@ -336,14 +336,12 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
     runs = groups[name]
     seeds = sorted(runs)
     col = lambda f: [runs[s][f] for s in seeds]  # noqa: E731
-    d = lambda f: [runs[s][f] - base[s][f] for s in seeds if s in base]  # noqa: E731
     agg[name] = {f: col(f) for f in ("avg", "pass_", "loop_after", "len_after", "generated",
                                      "trained", "weight", "trap")}
-    agg[name].update(d_avg=d("avg"), d_pass=d("pass_"))
-    pairs = ([runs[s] for s in seeds if s in base], [base[s] for s in seeds if s in base])
-    agg[name].update(d_avg_ci=delta_interval(*pairs, "avg"),
-                     d_pass_ci=delta_interval(*pairs, "pass_"))
-    dcell = lambda f, i: delta_cell(d(f), i) if name != "vanilla" else "—"  # noqa: E731
+    for f, key in (("avg", "d_avg"), ("pass_", "d_pass")):
+      agg[name][key], agg[name][key + "_ci"] = paired_delta(runs, base, f)
+    dcell = lambda key: (  # noqa: E731
+        delta_cell(agg[name][key], agg[name][key + "_ci"]) if name != "vanilla" else "—")
     # Times only from runs that had the machine to themselves.
     alone = [s for s in seeds if not runs[s].get("contended")]
     mark = "†" if len(alone) < len(seeds) else ""
@@ -351,8 +349,8 @@ def sweep_table(sweep_dir: Path, order: list[str]) -> tuple[str, dict]:
                      train_time=[runs[s]["train_time"] for s in alone])
     lines.append(
         f"| {name} | {len(seeds)} | {ms(col('avg'))}{ci(col('avg_ci'))} | "
-        f"{dcell('avg', agg[name]['d_avg_ci'])} | {ms(col('pass_'))}{ci(col('pass_ci'))} | "
-        f"{dcell('pass_', agg[name]['d_pass_ci'])} | {ms(col('loop_after'))} | "
+        f"{dcell('d_avg')} | {ms(col('pass_'))}{ci(col('pass_ci'))} | "
+        f"{dcell('d_pass')} | {ms(col('loop_after'))} | "
         f"{ms(col('len_after'), '.1f')} | {ms(col('generated'), '.1f')} | "
         f"{ms(col('trained'), '.1f')} | {ms(col('weight'), '.1f')} | {ms(col('trap'))} | "
         f"{ms(agg[name]['step_time'], '.2f')}{mark} | "
