@@ -450,7 +450,15 @@ def train(config, workdir) -> dict:
             if start_step == 0 and run.benchmarks and config.eval_before else None)
   if before:
     logger.log(0, {f"eval/{k}": v for k, v in evaluate_lib.flat_metrics(before).items()})
-  totals = metrics.Totals()
+    if main:  # written now, so that a run stopped mid-way and resumed still reports it
+      (run.workdir / "eval_before.json").write_text(json.dumps(before, indent=2) + "\n")
+  elif start_step and (run.workdir / "eval_before.json").is_file():
+    before = json.loads((run.workdir / "eval_before.json").read_text())
+  # The run's token and row counts so far travel in the checkpoint, so a resumed run's summary
+  # covers every step (a checkpoint written before they did: from the resumed step on, and the
+  # summary says so in `counted_from_step`).
+  totals = metrics.Totals(**meta.get("totals", {}))
+  counted_from = start_step if start_step and "totals" not in meta else 0
   progress = metrics.progress(config.steps, start_step) if main else None
   for step in range(start_step, config.steps):
     t0 = time.perf_counter()
@@ -483,6 +491,7 @@ def train(config, workdir) -> dict:
           state=ocp.args.StandardSave(_state_tree(run, state.opt_state, state.th_state,
                                                   state.master)),
           meta=ocp.args.JsonSave({"consecutive_skips": state.skips,
+                                  "totals": dataclasses.asdict(totals),
                                   "data_position": (step + 1) * config.prompts_per_step,
                                   **_checkpoint_meta(config)})))
   manager.wait_until_finished()
@@ -497,6 +506,8 @@ def train(config, workdir) -> dict:
     if report and main:
       (run.workdir / name).write_text(json.dumps(report, indent=2) + "\n")
   summary = totals.summary(config.steps, run.eval_cfg.k, before, after)
+  if counted_from:
+    summary["counted_from_step"] = counted_from + 1
   if config.export:
     _export(run, run.workdir / "export", state.master)
     summary["export"] = str(run.workdir / "export")
@@ -504,7 +515,7 @@ def train(config, workdir) -> dict:
       summary["export_adapter"] = str(run.workdir / "export_adapter")
   if main:
     (run.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    metrics.print_table(summary, start_step)
+    metrics.print_table(summary, counted_from)
     print(f"dashboard: {dashboard.build(run.workdir)}")
   return summary
 

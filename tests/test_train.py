@@ -94,6 +94,12 @@ def test_resume_after_process_exit_is_bit_exact(models, tmp_path):
   for step in (1, 2, 3, 4):
     for key in STEP_KEYS:
       assert a[step][key] == b[step][key], (step, key)
+  # The summary covers the whole run, not the steps since the resume: token counts, rates and
+  # the before-training evaluation the first process ran.
+  sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, resumed))
+  assert sa.pop("export") != sb.pop("export")
+  assert sa == sb and "counted_from_step" not in sb
+  assert sb["avg_before"] is not None and sb["mean_rollout_length"] > 0
   ta = {n: safetensors_io.read_tensor(i).tobytes() for n, i in
         safetensors_io.read_header(straight / "export" / "model.safetensors").items()}
   tb = {n: safetensors_io.read_tensor(i).tobytes() for n, i in
