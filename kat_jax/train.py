@@ -502,9 +502,8 @@ def train(config, workdir) -> dict:
     logger.log(config.steps, {f"final/{k}": v
                               for k, v in evaluate_lib.flat_metrics(after).items()})
   logger.close()
-  for name, report in (("eval_before.json", before), ("eval_after.json", after)):
-    if report and main:
-      (run.workdir / name).write_text(json.dumps(report, indent=2) + "\n")
+  if after and main:  # eval_before.json was written when it was evaluated
+    (run.workdir / "eval_after.json").write_text(json.dumps(after, indent=2) + "\n")
   summary = totals.summary(config.steps, run.eval_cfg.k, before, after)
   if counted_from:
     summary["counted_from_step"] = counted_from + 1
